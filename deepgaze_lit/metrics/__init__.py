@@ -1,0 +1,41 @@
+"""Saliency metrics with pysaliency's conventions: per-image functions, a DDP-exact accumulator, a report.
+
+Per image: `log_likelihood`, `information_gain`, `nss`, `auc`, `sauc` take a log density (H,W) in nats and
+fixations `xs`, `ys` (K,) in pixels and return one value per fixation; `cc`, `kldiv`, `mit_kldiv`, `sim` compare
+two maps; `fixation_map` builds the gold-standard map. Datasets: `SaliencyMetrics`, `information_gain_bits`,
+`build_report` / `write_report`.
+"""
+
+from deepgaze_lit.metrics.accumulator import SaliencyMetrics, information_gain_bits
+from deepgaze_lit.metrics.functional import (
+    auc,
+    cc,
+    fixation_map,
+    information_gain,
+    kldiv,
+    log_likelihood,
+    mit_kldiv,
+    nss,
+    sauc,
+    sim,
+)
+from deepgaze_lit.metrics.report import build_report, write_report
+from deepgaze_lit.metrics.shuffle_pool import ShufflePool
+
+__all__ = [
+    "SaliencyMetrics",
+    "ShufflePool",
+    "auc",
+    "build_report",
+    "cc",
+    "fixation_map",
+    "information_gain",
+    "information_gain_bits",
+    "kldiv",
+    "log_likelihood",
+    "mit_kldiv",
+    "nss",
+    "sauc",
+    "sim",
+    "write_report",
+]

@@ -1,0 +1,206 @@
+"""SaliencyMetrics: dataset metrics of one log density source (model, centre bias or true density), DDP-exact.
+
+Every state is a float64 vector over the split's images holding SUMS of per-fixation values (or of per-image
+map metrics) and counts, reduced across ranks by summation. Per-fixation means are totals / total counts and
+per-image means average each image's sum / count, both formed only in `compute()`, so a 2-process evaluation
+gives the 1-process numbers (bit for bit when each image is evaluated in one sample).
+
+Map metrics (CC, KLDiv, MIT KLDiv, SIM against the gold-standard fixation map) need all fixations of an image at
+once. They are computed for samples whose `weight` is 1 (or when `weight` is None): per the batch contract
+that is every per-image sample, and a per-fixation sample only when its image has a single fixation. A
+per-fixation evaluation therefore reports them only over such images (`n_map_images` says how many).
+"""
+
+import math
+
+import torch
+from torchmetrics import Metric
+
+from deepgaze_lit.metrics.functional import (
+    LN2,
+    batch_auc,
+    batch_log_likelihoods,
+    batch_nss,
+    batch_sauc,
+    blurred_fixation_map,
+    cc,
+    fixation_flat_indices,
+    gaussian_blur_operator,
+    kldiv,
+    mit_kldiv,
+    sim,
+)
+from deepgaze_lit.metrics.shuffle_pool import ShufflePool
+
+FIXATION_METRICS = ("ll_nats", "ig_uniform_bits", "nss", "auc")
+MAP_METRICS = {"cc": cc, "kldiv": kldiv, "mit_kldiv": mit_kldiv, "sim": sim}
+
+
+class SaliencyMetrics(Metric):
+    """Accumulates LL, IG vs uniform, NSS, AUC, sAUC (with a pool) and CC/KLDiv/SIM (with a gold kernel).
+
+    Args:
+        shuffle_pool: all fixations of the split for sAUC negatives: a `ShufflePool`, or the tuple
+            (x_rel, y_rel, n) of positions relative to their own image (x / W, y / H) and image indices.
+            None skips sAUC.
+        gold_kernel_size: standard deviation in pixels (of the evaluated images) of the gold-standard fixation
+            map's Gaussian (pysaliency `FixationMap`). None skips CC, KLDiv, MIT KLDiv and SIM.
+        num_images: number of images of the split; `image_index` values must lie in [0, num_images).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, shuffle_pool=None, gold_kernel_size: float | None = None, *, num_images: int, **kwargs):
+        super().__init__(**kwargs)
+        if int(num_images) < 1:
+            raise ValueError(f"SaliencyMetrics needs num_images >= 1 (the split's image count), got {num_images}")
+        if gold_kernel_size is not None and not gold_kernel_size > 0:
+            raise ValueError(f"gold_kernel_size must be a positive number of pixels or None, got {gold_kernel_size}")
+        self.num_images = int(num_images)
+        self.shuffle_pool = None if shuffle_pool is None else ShufflePool.coerce(shuffle_pool)
+        self.gold_kernel_size = gold_kernel_size
+        self._blur_operators: dict[tuple[int, str], torch.Tensor] = {}
+        for name in self._state_names():
+            self.add_state(name, torch.zeros(self.num_images, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _state_names(self) -> list[str]:
+        names = ["fixation_count"] + [f"{metric}_sum" for metric in FIXATION_METRICS]
+        if self.shuffle_pool is not None:
+            names += ["sauc_count", "sauc_sum"]
+        if self.gold_kernel_size is not None:
+            names += ["map_count"] + [f"{metric}_sum" for metric in MAP_METRICS]
+        return names
+
+    def _add(self, name: str, image: torch.Tensor, values: torch.Tensor) -> None:
+        """state[image] += values, out of place (safe under torch.inference_mode)."""
+        setattr(self, name, getattr(self, name).index_add(0, image, values.to(torch.float64)))
+
+    def _blur_operator(self, size: int, device: torch.device) -> torch.Tensor:
+        key = (size, str(device))
+        if key not in self._blur_operators:
+            self._blur_operators[key] = gaussian_blur_operator(size, self.gold_kernel_size, device)
+        return self._blur_operators[key]
+
+    def update(
+        self,
+        log_density: torch.Tensor,
+        fix_batch: torch.Tensor,
+        fix_x: torch.Tensor,
+        fix_y: torch.Tensor,
+        image_index: torch.Tensor,
+        weight: torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch: `log_density` (B,H,W) or (B,1,H,W) in nats; fixations as in the batch dict
+        (`fix_batch` (K,) sample of each fixation, `fix_x`, `fix_y` (K,) pixels); `image_index` (B,)
+        the images' indices in the split; `weight` (B,) sample weights (only `weight == 1` is read, see module)."""
+        log_density = _as_batch_log_density(log_density)
+        batch_size, height, width = log_density.shape
+        device = log_density.device
+        fix_batch = fix_batch.to(device=device, dtype=torch.int64)
+        image_index = image_index.to(device=device, dtype=torch.int64)
+        if image_index.shape != (batch_size,):
+            raise ValueError(f"image_index must have shape ({batch_size},), got {tuple(image_index.shape)}")
+        if bool((image_index < 0).any()) or bool((image_index >= self.num_images).any()):
+            raise ValueError(
+                f"image_index {image_index.tolist()} outside [0, {self.num_images}): construct SaliencyMetrics "
+                "with num_images = the number of images of the evaluated split"
+            )
+        if fix_batch.numel() == 0:
+            return
+        flat = fixation_flat_indices(fix_x, fix_y, (height, width)).to(device)
+        fix_image = image_index[fix_batch]
+        density = log_density.exp()
+
+        log_likelihoods = batch_log_likelihoods(log_density, fix_batch, flat)
+        per_fixation = {
+            "ll_nats": log_likelihoods,
+            "ig_uniform_bits": (log_likelihoods + math.log(height * width)) / LN2,
+            "nss": batch_nss(density, fix_batch, flat),
+            "auc": batch_auc(density, fix_batch, flat),
+        }
+        self._add("fixation_count", fix_image, torch.ones_like(log_likelihoods))
+        for metric, values in per_fixation.items():
+            self._add(f"{metric}_sum", fix_image, values)
+
+        if self.shuffle_pool is not None:
+            excluded = self.shuffle_pool.image_indices(device)[None, :] == image_index[:, None]
+            negatives = self.shuffle_pool.flat_indices((height, width), device)
+            shuffled = batch_sauc(density, fix_batch, flat, negatives, excluded)
+            defined = ~torch.isnan(shuffled)
+            self._add("sauc_count", fix_image[defined], defined[defined])
+            self._add("sauc_sum", fix_image[defined], shuffled[defined])
+
+        if self.gold_kernel_size is not None:
+            self._update_map_metrics(density, fix_batch, flat, image_index, weight)
+
+    def _update_map_metrics(self, density, fix_batch, flat, image_index, weight) -> None:
+        """CC/KLDiv/MIT KLDiv/SIM against the gold map of every sample carrying all its image's fixations."""
+        batch_size, height, width = density.shape
+        complete = torch.ones(batch_size, dtype=torch.bool, device=density.device)
+        if weight is not None:
+            complete = weight.to(density.device).flatten() == 1
+        has_fixations = torch.bincount(fix_batch, minlength=batch_size) > 0
+        row_operator = self._blur_operator(height, density.device)
+        column_operator = self._blur_operator(width, density.device)
+        for sample in (complete & has_fixations).nonzero().flatten().tolist():
+            gold_map = blurred_fixation_map(flat[fix_batch == sample], (height, width), row_operator, column_operator)
+            image = image_index[sample : sample + 1]
+            self._add("map_count", image, torch.ones(1, device=density.device))
+            for metric, function in MAP_METRICS.items():
+                self._add(f"{metric}_sum", image, function(density[sample], gold_map).reshape(1))
+
+    def compute(self) -> dict[str, float]:
+        """Means per fixation (`*_fixation`) and per image (`*_image`, images with fixations count once), plus
+        `n_fixations`, `n_images` (and `n_map_images` with a gold kernel). LL in nats, IG vs uniform in bit/fix."""
+        counts = self.fixation_count
+        result = {"n_fixations": float(counts.sum()), "n_images": float((counts > 0).sum())}
+        for metric in FIXATION_METRICS:
+            result.update(_fixation_and_image_means(metric, getattr(self, f"{metric}_sum"), counts))
+        if self.shuffle_pool is not None:
+            result.update(_fixation_and_image_means("sauc", self.sauc_sum, self.sauc_count))
+        if self.gold_kernel_size is not None:
+            evaluated = self.map_count > 0
+            result["n_map_images"] = float(evaluated.sum())
+            for metric in MAP_METRICS:
+                per_image = getattr(self, f"{metric}_sum")[evaluated] / self.map_count[evaluated]
+                result[f"{metric}_image"] = float(per_image.mean())
+        return result
+
+
+def _fixation_and_image_means(metric: str, sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """pysaliency's averages: over all fixations, and over images (with fixations) of each image's mean."""
+    seen = counts > 0
+    return {
+        f"{metric}_fixation": float(sums.sum() / counts.sum()),
+        f"{metric}_image": float((sums[seen] / counts[seen]).mean()),
+    }
+
+
+def _as_batch_log_density(log_density: torch.Tensor) -> torch.Tensor:
+    """(B,H,W) or (B,1,H,W) log density -> (B,H,W) float64, detached."""
+    if log_density.dim() == 4 and log_density.shape[1] == 1:
+        log_density = log_density[:, 0]
+    if log_density.dim() != 3:
+        raise ValueError(
+            f"SaliencyMetrics.update expects a log density of shape (B,H,W) or (B,1,H,W), got "
+            f"{tuple(log_density.shape)}; pass BlockLogDensity.full() for the network's output"
+        )
+    return log_density.detach().to(torch.float64)
+
+
+def information_gain_bits(model_result: dict[str, float], baseline_result: dict[str, float]) -> dict[str, float]:
+    """Information gain of a model over a baseline (e.g. the centre bias) in bit/fix, as pysaliency:
+    `ig_bits_fixation` = mean over fixations of the LL difference, `ig_bits_image` = mean over images of each
+    image's mean difference. Both results must come from the same fixations."""
+    for count in ("n_fixations", "n_images"):
+        if model_result[count] != baseline_result[count]:
+            raise ValueError(
+                f"model and baseline were evaluated on different fixations ({count}: {model_result[count]} vs "
+                f"{baseline_result[count]}); update both accumulators with the same batches"
+            )
+    return {
+        "ig_bits_fixation": (model_result["ll_nats_fixation"] - baseline_result["ll_nats_fixation"]) / LN2,
+        "ig_bits_image": (model_result["ll_nats_image"] - baseline_result["ll_nats_image"]) / LN2,
+    }
