@@ -1,5 +1,8 @@
 """SaliencyMetrics: dataset metrics of one log density source (model, centre bias or true density), DDP-exact.
 
+Use one instance per density, updated with the same batches: the model's, the centre bias's and, on synthetic
+data, the true density's (the gold standard). `information_gain_bits` and `metrics.report` combine their results.
+
 Every state is a float64 vector over the split's images holding SUMS of per-fixation values (or of per-image
 map metrics) and counts, reduced across ranks by summation. Per-fixation means are totals / total counts and
 per-image means average each image's sum / count, both formed only in `compute()`, so a 2-process evaluation

@@ -7,7 +7,8 @@ saliency maps (H,W) and return a 0-dim float64 tensor.
 
 The ``batch_*`` functions are the vectorised cores used by both these functions and the dataset accumulator:
 log densities (B,H,W), fixations flattened over the batch with ``fix_batch`` (K,) naming their sample.
-Everything is computed in float64; densities are exp(log density) without renormalisation.
+Everything is computed in float64. LL, NSS, AUC and sAUC read the density exp(log density) without
+renormalising it; CC, KLDiv and SIM normalise both maps as pysaliency does.
 """
 
 import math
@@ -43,7 +44,8 @@ def _as_batch(log_density: torch.Tensor) -> torch.Tensor:
 
 
 def _single_image_fixations(log_density: torch.Tensor, xs, ys) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = fixation_flat_indices(xs, ys, log_density.shape[-2:])
+    """(fix_batch, flat pixel index) (K,) of one image's fixations, on the log density's device."""
+    flat = fixation_flat_indices(xs, ys, log_density.shape[-2:]).to(log_density.device)
     return torch.zeros_like(flat), flat
 
 
@@ -157,7 +159,7 @@ def sauc(
     """Shuffled AUC per fixation (K,); negatives are the other images' fixations `other_xs`, `other_ys` (M,),
     already rescaled to this image's pixels (see `ShufflePool.nonfixations`); ties count one half."""
     fix_batch, flat = _single_image_fixations(log_density, xs, ys)
-    negative_flat = fixation_flat_indices(other_xs, other_ys, log_density.shape)
+    negative_flat = fixation_flat_indices(other_xs, other_ys, log_density.shape).to(log_density.device)
     return batch_sauc(_as_batch(log_density).exp(), fix_batch, flat, negative_flat)
 
 
