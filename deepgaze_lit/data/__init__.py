@@ -1,0 +1,16 @@
+"""Eye-tracking data for DeepGaze III: readers, splits, resizing, centre bias, torch datasets, sampler, DataModule.
+
+All readers return a `FixationDataset` (coordinates in pixels of the image, 0-based, x right, y down).
+"""
+
+from .csv_dataset import read_csv_dataset
+from .dataset import DataError, FixationDataset, load_rgb
+from .mit1003 import read_mit1003
+from .pysaliency_io import read_pysaliency
+from .resize import target_shape
+from .synthetic import make_synthetic
+
+__all__ = [
+    "DataError", "FixationDataset", "load_rgb", "make_synthetic", "read_csv_dataset", "read_mit1003",
+    "read_pysaliency", "target_shape",
+]

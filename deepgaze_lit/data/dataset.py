@@ -1,0 +1,357 @@
+"""FixationDataset: the one in-memory form of every eye-tracking source (stimuli + fixations), and image decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .resize import resize_image, resize_log_density
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+"""File name endings (lower case) treated as images when a folder is listed."""
+
+INITIAL_FIXATION_RADIUS = 0.15
+"""Auto-detection: a scanpath start counts as central within this fraction of the image's shorter side."""
+INITIAL_FIXATION_SHARE = 0.8
+"""Auto-detection: scanpaths start with a forced central fixation when at least this share of starts is central."""
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or folder and what was expected."""
+
+
+def natural_key(name: str) -> list:
+    """Sort key ordering embedded numbers by value ("img2" before "img10"), as pysaliency's `natsorted`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether `path` is a regular file with an image extension (stray files such as Thumbs.db are not)."""
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) in pixels from the image header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image file not found") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: not a readable image ({err}); expected an image file such as JPEG or PNG") from err
+    return height, width
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """(H,W,3) uint8 RGB from any Pillow mode: greyscale, palette, CMYK, RGBA (alpha dropped), 16-bit grey."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        grey = np.asarray(image).astype(np.float64) / 257.0
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image file to an (H,W,3) uint8 RGB array; raises DataError naming the file when it cannot."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return pil_to_rgb(image)
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image file not found") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot decode image ({err}); expected a readable image file such as JPEG or PNG") from err
+
+
+def _float_array(values, length: int, fill: float) -> np.ndarray:
+    if values is None:
+        return np.full(length, fill, dtype=np.float64)
+    return np.asarray(values, dtype=np.float64)
+
+
+def _int_array(values, length: int, fill: int) -> np.ndarray:
+    if values is None:
+        return np.full(length, fill, dtype=np.int64)
+    return np.asarray(values, dtype=np.int64)
+
+
+@dataclass(eq=False)
+class FixationDataset:
+    """Images (stimuli) with their shapes and every fixation as one row of per-fixation numpy arrays.
+
+    Coordinates are continuous, 0-based pixels of the image at `shapes`: pixel (i, j) covers [j, j+1) x [i, i+1),
+    so a fixation is looked up at `map[int(y), int(x)]`.
+
+    Attributes:
+        shapes: (N,2) int64 height and width (pixels) of each image as fed to the network.
+        x, y: (F,) float64 fixation position in pixels.
+        n: (F,) int64 index of the fixation's image.
+        subject: (F,) int64 subject id, -1 when unknown.
+        t: (F,) float64 fixation onset in seconds, NaN when unknown.
+        x_hist, y_hist: (F,L) float64 positions of the preceding fixations of the same scanpath, chronological
+            (oldest first), right-padded with NaN, as pysaliency stores them; L may be 0.
+        scanpath_index: (F,) int64 scanpath each fixation belongs to, -1 when unknown.
+        is_initial: (F,) bool; the forced initial central fixation of a scanpath: history only, never a target.
+        image_paths: one file per image, or None when `images` holds the pixels.
+        images: (H,W,3) uint8 arrays of the native images, or None when `image_paths` is given.
+        native_shapes: (N,2) int64 (H, W) of the stored images; differs from `shapes` after resizing.
+        image_ids: (N,) int64 index of each image in the source it was read from (kept by `subset`).
+        true_log_densities: per image the (H,W) float64 log density (nats) the fixations were drawn from
+            (synthetic data only), or None.
+        has_history: whether fixation order within scanpaths is known (needed for history "real").
+        source: short description of where the data came from, for messages.
+        dropped_fixations: fixations outside their image removed when reading.
+    """
+
+    shapes: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    n: np.ndarray
+    subject: Optional[np.ndarray] = None
+    t: Optional[np.ndarray] = None
+    x_hist: Optional[np.ndarray] = None
+    y_hist: Optional[np.ndarray] = None
+    scanpath_index: Optional[np.ndarray] = None
+    is_initial: Optional[np.ndarray] = None
+    image_paths: Optional[list[str]] = None
+    images: Optional[list[np.ndarray]] = None
+    native_shapes: Optional[np.ndarray] = None
+    image_ids: Optional[np.ndarray] = None
+    true_log_densities: Optional[list[np.ndarray]] = None
+    has_history: bool = False
+    source: str = "in-memory data"
+    dropped_fixations: int = 0
+
+    def __post_init__(self) -> None:
+        self.shapes = np.asarray(self.shapes, dtype=np.int64).reshape(-1, 2)
+        self.x = np.asarray(self.x, dtype=np.float64)
+        self.y = np.asarray(self.y, dtype=np.float64)
+        self.n = np.asarray(self.n, dtype=np.int64)
+        count = len(self.x)
+        self.subject = _int_array(self.subject, count, -1)
+        self.t = _float_array(self.t, count, np.nan)
+        if self.x_hist is None:
+            self.x_hist = np.zeros((count, 0))
+        if self.y_hist is None:
+            self.y_hist = np.zeros((count, 0))
+        self.x_hist = np.asarray(self.x_hist, dtype=np.float64).reshape(count, -1)
+        self.y_hist = np.asarray(self.y_hist, dtype=np.float64).reshape(count, -1)
+        self.scanpath_index = _int_array(self.scanpath_index, count, -1)
+        if self.is_initial is None:
+            self.is_initial = np.zeros(count, dtype=bool)
+        self.is_initial = np.asarray(self.is_initial, dtype=bool)
+        if self.native_shapes is None:
+            self.native_shapes = self.shapes.copy()
+        self.native_shapes = np.asarray(self.native_shapes, dtype=np.int64).reshape(-1, 2)
+        if self.image_ids is None:
+            self.image_ids = np.arange(len(self.shapes), dtype=np.int64)
+        self.image_ids = np.asarray(self.image_ids, dtype=np.int64)
+        self._check_consistent()
+
+    def _check_consistent(self) -> None:
+        count, n_images = len(self.x), len(self.shapes)
+        per_fixation = {"y": self.y, "n": self.n, "subject": self.subject, "t": self.t, "x_hist": self.x_hist,
+                        "y_hist": self.y_hist, "scanpath_index": self.scanpath_index, "is_initial": self.is_initial}
+        for name, values in per_fixation.items():
+            if len(values) != count:
+                raise ValueError(f"{self.source}: {name} has {len(values)} rows, expected {count} (one per fixation)")
+        if self.x_hist.shape != self.y_hist.shape:
+            raise ValueError(f"{self.source}: x_hist {self.x_hist.shape} and y_hist {self.y_hist.shape} differ")
+        if count and (self.n.min() < 0 or self.n.max() >= n_images):
+            raise DataError(f"{self.source}: fixations refer to image {self.n.max()} but there are {n_images} images")
+        if (self.image_paths is None) == (self.images is None):
+            raise ValueError(f"{self.source}: give exactly one of image_paths and images")
+        stored = self.image_paths if self.image_paths is not None else self.images
+        for name, values in {"stored images": stored, "native_shapes": self.native_shapes,
+                             "image_ids": self.image_ids}.items():
+            if len(values) != n_images:
+                raise ValueError(f"{self.source}: {len(values)} {name} for {n_images} images")
+        if self.true_log_densities is not None and len(self.true_log_densities) != n_images:
+            raise ValueError(f"{self.source}: {len(self.true_log_densities)} true densities for {n_images} images")
+
+    @property
+    def n_images(self) -> int:
+        """Number of images N."""
+        return len(self.shapes)
+
+    @property
+    def n_fixations(self) -> int:
+        """Number of fixations F, initial fixations included."""
+        return len(self.x)
+
+    @property
+    def is_target(self) -> np.ndarray:
+        """(F,) bool: fixations that are prediction targets (all but the forced initial ones)."""
+        return ~self.is_initial
+
+    @property
+    def history_lengths(self) -> np.ndarray:
+        """(F,) int64 number of recorded preceding fixations."""
+        return (~np.isnan(self.x_hist)).sum(axis=1).astype(np.int64)
+
+    def targets_per_image(self) -> np.ndarray:
+        """(N,) int64 number of target fixations of each image."""
+        return np.bincount(self.n[self.is_target], minlength=self.n_images).astype(np.int64)
+
+    def describe_image(self, index: int) -> str:
+        """Where image `index` comes from, for messages."""
+        if self.image_paths is not None:
+            return self.image_paths[index]
+        return f"{self.source} image {int(self.image_ids[index])}"
+
+    def load_image(self, index: int) -> np.ndarray:
+        """Image `index` as (H,W,3) uint8 RGB at `shapes[index]` (decoded and resized on every call)."""
+        if self.images is not None:
+            native = self.images[index]
+        else:
+            native = load_rgb(self.image_paths[index])
+        expected = tuple(int(side) for side in self.native_shapes[index])
+        if native.shape[:2] != expected:
+            raise DataError(f"{self.describe_image(index)}: image is {native.shape[0]}x{native.shape[1]} pixels "
+                            f"but the dataset records {expected[0]}x{expected[1]} (H x W)")
+        return resize_image(native, tuple(self.shapes[index]))
+
+    def image_digest(self, index: int) -> str:
+        """SHA-1 of the stored image (file bytes, or array bytes for in-memory images): its identity for caches."""
+        digest = hashlib.sha1()
+        if self.images is not None:
+            image = np.ascontiguousarray(self.images[index])
+            digest.update(str(image.shape).encode())
+            digest.update(image.tobytes())
+        else:
+            with open(self.image_paths[index], "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+    def subset(self, indices: Sequence[int]) -> "FixationDataset":
+        """The images `indices` (in that order) with their fixations; `n` is renumbered to the new order."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(np.unique(indices)) != len(indices):
+            raise ValueError("subset indices must not repeat an image")
+        new_position = np.full(self.n_images, -1, dtype=np.int64)
+        new_position[indices] = np.arange(len(indices))
+        keep = new_position[self.n] >= 0
+        return replace(
+            self,
+            shapes=self.shapes[indices],
+            x=self.x[keep], y=self.y[keep], n=new_position[self.n[keep]],
+            subject=self.subject[keep], t=self.t[keep],
+            x_hist=self.x_hist[keep], y_hist=self.y_hist[keep],
+            scanpath_index=self.scanpath_index[keep], is_initial=self.is_initial[keep],
+            image_paths=None if self.image_paths is None else [self.image_paths[i] for i in indices],
+            images=None if self.images is None else [self.images[i] for i in indices],
+            native_shapes=self.native_shapes[indices],
+            image_ids=self.image_ids[indices],
+            true_log_densities=None if self.true_log_densities is None
+            else [self.true_log_densities[i] for i in indices],
+        )
+
+    def resized(self, shapes: np.ndarray) -> "FixationDataset":
+        """The same data with images at `shapes` (N,2): fixations, histories and true densities scaled along."""
+        shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+        if shapes.shape != self.shapes.shape:
+            raise ValueError(f"{self.source}: {len(shapes)} target shapes for {self.n_images} images")
+        if np.array_equal(shapes, self.shapes):
+            return self
+        scale_y = (shapes[:, 0] / self.shapes[:, 0])[self.n]
+        scale_x = (shapes[:, 1] / self.shapes[:, 1])[self.n]
+        width_limit = np.nextafter(shapes[self.n, 1].astype(np.float64), 0)
+        height_limit = np.nextafter(shapes[self.n, 0].astype(np.float64), 0)
+        densities = self.true_log_densities
+        if densities is not None:
+            densities = [resize_log_density(density, tuple(shape)) for density, shape in zip(densities, shapes)]
+        return replace(
+            self,
+            shapes=shapes,
+            x=np.minimum(self.x * scale_x, width_limit),
+            y=np.minimum(self.y * scale_y, height_limit),
+            x_hist=self.x_hist * scale_x[:, None],
+            y_hist=self.y_hist * scale_y[:, None],
+            true_log_densities=densities,
+        )
+
+    def without_fixations_outside(self) -> "FixationDataset":
+        """Drop fixations outside their image (or not finite); the count is added to `dropped_fixations`."""
+        height = self.shapes[self.n, 0]
+        width = self.shapes[self.n, 1]
+        inside = (np.isfinite(self.x) & np.isfinite(self.y)
+                  & (self.x >= 0) & (self.y >= 0) & (self.x < width) & (self.y < height))
+        dropped = int((~inside).sum())
+        if dropped == 0:
+            return self
+        log.info("%s: dropped %d of %d fixations outside their image", self.source, dropped, self.n_fixations)
+        return replace(
+            self,
+            x=self.x[inside], y=self.y[inside], n=self.n[inside],
+            subject=self.subject[inside], t=self.t[inside],
+            x_hist=self.x_hist[inside], y_hist=self.y_hist[inside],
+            scanpath_index=self.scanpath_index[inside], is_initial=self.is_initial[inside],
+            dropped_fixations=self.dropped_fixations + dropped,
+        )
+
+    @classmethod
+    def from_scanpaths(cls, shapes: np.ndarray, xs: np.ndarray, ys: np.ndarray, ts: np.ndarray, ns: np.ndarray,
+                       subjects: np.ndarray, initial_fixation: Optional[bool] = None, **kwargs) -> "FixationDataset":
+        """Build per-fixation rows from scanpaths stored as rows of (S,Lmax) arrays padded with trailing NaN.
+
+        Fixation k of scanpath s gets the history xs[s, :k] (pysaliency's `FixationTrains` convention).
+        `initial_fixation`: whether every scanpath starts with a forced central fixation (history only);
+        None detects it (see `detect_initial_fixations`). Other keyword arguments go to the constructor.
+        """
+        xs = np.asarray(xs, dtype=np.float64)
+        ys = np.asarray(ys, dtype=np.float64)
+        ts = np.asarray(ts, dtype=np.float64)
+        n_scanpaths, max_length = xs.shape
+        valid = ~np.isnan(xs)
+        lengths = np.where(valid.any(axis=1), max_length - np.argmax(valid[:, ::-1], axis=1), 0)
+        scanpath = np.repeat(np.arange(n_scanpaths), lengths)
+        starts = np.cumsum(lengths) - lengths
+        position = np.arange(len(scanpath)) - np.repeat(starts, lengths)
+        history_width = max(max_length - 1, 0)
+        before = np.arange(history_width)[None, :] < position[:, None]
+        dataset = cls(
+            shapes=shapes,
+            x=xs[scanpath, position], y=ys[scanpath, position], t=ts[scanpath, position],
+            n=np.asarray(ns, dtype=np.int64)[scanpath],
+            subject=np.asarray(subjects, dtype=np.int64)[scanpath],
+            x_hist=np.where(before, xs[scanpath, :history_width], np.nan),
+            y_hist=np.where(before, ys[scanpath, :history_width], np.nan),
+            scanpath_index=scanpath,
+            has_history=True,
+            **kwargs,
+        )
+        dataset.is_initial = detect_initial_fixations(dataset, initial_fixation)
+        return dataset
+
+
+def detect_initial_fixations(dataset: FixationDataset, initial_fixation: Optional[bool] = None) -> np.ndarray:
+    """(F,) bool mask of forced initial central fixations: the scanpath starts, when scanpaths begin with one.
+
+    `initial_fixation` True/False decides; None decides from the data: scanpaths are taken to start with a
+    forced central fixation when at least INITIAL_FIXATION_SHARE of the scanpath starts lie within
+    INITIAL_FIXATION_RADIUS x (shorter image side) of the image centre (W/2, H/2).
+    """
+    starts = dataset.history_lengths == 0
+    if not dataset.has_history or initial_fixation is False or not starts.any():
+        return np.zeros(dataset.n_fixations, dtype=bool)
+    if initial_fixation is None:
+        shapes = dataset.shapes[dataset.n[starts]]
+        distance = np.hypot(dataset.x[starts] - shapes[:, 1] / 2, dataset.y[starts] - shapes[:, 0] / 2)
+        central = distance <= INITIAL_FIXATION_RADIUS * shapes.min(axis=1)
+        if central.mean() < INITIAL_FIXATION_SHARE:
+            return np.zeros(dataset.n_fixations, dtype=bool)
+        log.info("%s: %d of %d scanpaths start centrally; their first fixation is taken as the forced initial "
+                 "fixation (history only)", dataset.source, int(central.sum()), int(starts.sum()))
+    return starts

@@ -1,0 +1,129 @@
+"""make_synthetic: images with a known fixation density, generated deterministically from a seed.
+
+Each image is a blocky grey-noise background with one or more saturated discs. Fixations are drawn from a mixture
+of object-centred Gaussians, a centre Gaussian and a uniform floor; that mixture is returned as the true log
+density of every image, so the gold-standard information gain of a dataset is known exactly.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Sequence
+
+import numpy as np
+
+from .dataset import FixationDataset
+
+BLOCK_FRACTION = 1 / 16
+"""Background noise blocks are this fraction of the shorter image side."""
+
+
+def _gaussian(shape: tuple[int, int], centre_xy: tuple[float, float], sigma_xy: tuple[float, float]) -> np.ndarray:
+    """(H,W) Gaussian evaluated at pixel centres and normalised to sum 1 over the image."""
+    height, width = shape
+    gx = np.exp(-0.5 * ((np.arange(width) + 0.5 - centre_xy[0]) / sigma_xy[0]) ** 2)
+    gy = np.exp(-0.5 * ((np.arange(height) + 0.5 - centre_xy[1]) / sigma_xy[1]) ** 2)
+    density = np.outer(gy, gx)
+    return density / density.sum()
+
+
+def _background(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """(H,W) float grey values: blocks of uniform grey (60..190) plus fine pixel noise."""
+    height, width = shape
+    block = max(2, round(min(shape) * BLOCK_FRACTION))
+    coarse = rng.uniform(60, 190, size=(-(-height // block), -(-width // block)))
+    grey = np.repeat(np.repeat(coarse, block, axis=0), block, axis=1)[:height, :width]
+    return grey + rng.normal(0, 8, size=shape)
+
+
+def _synthetic_image(rng: np.random.Generator, shape: tuple[int, int], objects: tuple[int, int],
+                     object_radius: tuple[float, float], weights: tuple[float, float, float],
+                     center_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """One (H,W,3) uint8 image and its (H,W) float64 true log density (nats)."""
+    height, width = shape
+    image = np.repeat(_background(rng, shape)[:, :, None], 3, axis=2)
+    rows = np.arange(height)[:, None] + 0.5
+    cols = np.arange(width)[None, :] + 0.5
+    object_density = np.zeros(shape)
+    count = int(rng.integers(objects[0], objects[1] + 1))
+    for _ in range(count):
+        radius = rng.uniform(*object_radius) * min(shape)
+        cx = rng.uniform(radius, width - radius)
+        cy = rng.uniform(radius, height - radius)
+        colour = np.array(colorsys.hsv_to_rgb(rng.uniform(), 1.0, 1.0)) * 255
+        image[(cols - cx) ** 2 + (rows - cy) ** 2 <= radius ** 2] = colour
+        object_density += _gaussian(shape, (cx, cy), (radius / 2, radius / 2)) / count
+    centre_density = _gaussian(shape, (width / 2, height / 2), (center_sigma * width, center_sigma * height))
+    object_weight, center_weight, uniform_weight = weights
+    density = object_weight * object_density + center_weight * centre_density + uniform_weight / (height * width)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return image, np.log(density)
+
+
+def make_synthetic(n_images: int = 100, seed: int = 0,
+                   sizes: Sequence[tuple[int, int]] = ((256, 320), (320, 256)),
+                   subjects: int = 8, scanpath_length: tuple[int, int] = (3, 8),
+                   objects: tuple[int, int] = (1, 3), object_radius: tuple[float, float] = (0.12, 0.2),
+                   object_weight: float = 0.6, center_weight: float = 0.3, center_sigma: float = 0.2,
+                   initial_fixation: bool = True) -> FixationDataset:
+    """Synthetic eye-tracking data with the true fixation density of every image (`true_log_densities`).
+
+    Args:
+        n_images: number of images N.
+        seed: image i depends only on (seed, i), so a larger N only appends images.
+        sizes: (H, W) image sizes in pixels, used in turn (image i has sizes[i % len(sizes)]). Multiples of 64
+            suit the network (its backbone has stride 64).
+        subjects: scanpaths per image (one per simulated subject, subject ids 0..subjects-1).
+        scanpath_length: inclusive range of target fixations per scanpath.
+        objects: inclusive range of discs per image.
+        object_radius: disc radius range as a fraction of the shorter image side (large enough for stride 64).
+        object_weight, center_weight: mixture weights of the object Gaussians (sigma = radius/2, the discs share
+            the weight equally) and of the centre Gaussian (sigma = center_sigma x the image side); the remaining
+            1 - object_weight - center_weight is uniform over the image.
+        initial_fixation: start every scanpath with a forced fixation at the image centre (W/2, H/2); it is
+            history only, never a target.
+
+    Fixations are independent draws from the density (pixel drawn from the discrete density, position uniform
+    within the pixel), so `true_log_densities[i][int(y), int(x)]` is the exact log likelihood of a fixation.
+    Times: the initial fixation at 0 s, then fixation durations uniform in [0.15, 0.45] s.
+    """
+    if n_images < 1:
+        raise ValueError(f"n_images must be at least 1, got {n_images}")
+    uniform_weight = 1.0 - object_weight - center_weight
+    if min(object_weight, center_weight) < 0 or uniform_weight < 0:
+        raise ValueError(f"object_weight {object_weight} and center_weight {center_weight} must be >= 0 with sum <= 1")
+    if not sizes or any(len(size) != 2 or min(size) < 8 for size in sizes):
+        raise ValueError(f"sizes must be a non-empty list of (H, W) of at least 8 pixels, got {sizes!r}")
+    if subjects < 1 or not 1 <= scanpath_length[0] <= scanpath_length[1]:
+        raise ValueError(f"need subjects >= 1 and 1 <= scanpath_length[0] <= [1], got {subjects}, {scanpath_length}")
+    offset = 1 if initial_fixation else 0
+    max_length = scanpath_length[1] + offset
+    images, densities, shapes = [], [], []
+    xs, ys, ts = (np.full((n_images * subjects, max_length), np.nan) for _ in range(3))
+    for index in range(n_images):
+        rng = np.random.default_rng([seed, index])
+        shape = (int(sizes[index % len(sizes)][0]), int(sizes[index % len(sizes)][1]))
+        image, log_density = _synthetic_image(rng, shape, objects, object_radius,
+                                              (object_weight, center_weight, uniform_weight), center_sigma)
+        images.append(image)
+        densities.append(log_density)
+        shapes.append(shape)
+        lengths = rng.integers(scanpath_length[0], scanpath_length[1] + 1, size=subjects)
+        pixels = rng.choice(shape[0] * shape[1], size=int(lengths.sum()), p=np.exp(log_density).ravel())
+        x_all = pixels % shape[1] + rng.random(len(pixels))
+        y_all = pixels // shape[1] + rng.random(len(pixels))
+        durations = rng.uniform(0.15, 0.45, size=(subjects, max_length))
+        start = 0
+        for subject, length in enumerate(lengths):
+            row = index * subjects + subject
+            if initial_fixation:
+                xs[row, 0], ys[row, 0] = shape[1] / 2, shape[0] / 2
+            xs[row, offset:offset + length] = x_all[start:start + length]
+            ys[row, offset:offset + length] = y_all[start:start + length]
+            ts[row, :offset + length] = np.concatenate([[0.0], np.cumsum(durations[subject])])[:offset + length]
+            start += length
+    return FixationDataset.from_scanpaths(
+        shapes=np.array(shapes, dtype=np.int64), xs=xs, ys=ys, ts=ts,
+        ns=np.repeat(np.arange(n_images), subjects), subjects=np.tile(np.arange(subjects), n_images),
+        initial_fixation=initial_fixation, images=images, true_log_densities=densities,
+        source=f"synthetic(seed={seed}, n_images={n_images})")
