@@ -1,0 +1,99 @@
+"""Callbacks and checkpoint I/O of a deepgaze-lit experiment.
+
+An experiment keeps everything under one folder `<experiments_root>/<experiment>/`: `checkpoints/` holds `best.ckpt`
+(lowest validation loss), `epochNNN.ckpt` (every 5 epochs, all kept; NNN is the zero-based epoch index) and
+`last.ckpt` (refreshed after every epoch, what `--ckpt_path last` resumes from); `logs/version_N/` holds TensorBoard
+event files and reports.
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+
+from deepgaze_lit.predict import density_overlay, draw_fixations
+
+PERIODIC_CHECKPOINT_EPOCHS = 5
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """The one place where checkpoints are written: to `<file>.tmp` in the target folder, flushed to disk, then
+    renamed over `<file>`, so an interrupted save never leaves a truncated checkpoint behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(target.name + ".tmp")
+        with open(temporary, "wb") as stream:
+            torch.save(checkpoint, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+
+
+def experiment_checkpoints(dirpath: Path, monitor: str = "val/loss") -> list[ModelCheckpoint]:
+    """The three checkpoint callbacks of an experiment, all writing to `dirpath`: best by `monitor` (lower is
+    better), every 5 epochs (all kept) and last (every epoch). `last` comes last so that it stores the other two
+    callbacks' state after their own update of the same epoch."""
+    best = ModelCheckpoint(
+        dirpath=dirpath, filename="best", monitor=monitor, mode="min", save_top_k=1, auto_insert_metric_name=False
+    )
+    periodic = ModelCheckpoint(
+        dirpath=dirpath,
+        filename="epoch{epoch:03d}",
+        every_n_epochs=PERIODIC_CHECKPOINT_EPOCHS,
+        save_top_k=-1,
+        auto_insert_metric_name=False,
+    )
+    last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1)
+    return [best, periodic, last]
+
+
+def render_panel(batch: dict, log_density: torch.Tensor, num_images: int, height: int) -> np.ndarray:
+    """Side by side, the first `num_images` samples of a batch: predicted density over the image, fixations as
+    cyan squares; each scaled to `height` pixels. Returns (height, W_total, 3) uint8."""
+    images = batch["image"][:num_images].detach().cpu().numpy().transpose(0, 2, 3, 1)
+    log_densities = log_density[:num_images, 0].detach().float().cpu().numpy()
+    fix_batch = batch["fix_batch"].detach().cpu().numpy()
+    fix_x = batch["fix_x"].detach().cpu().numpy()
+    fix_y = batch["fix_y"].detach().cpu().numpy()
+    tiles = []
+    for index, (image, sample_log_density) in enumerate(zip(images, log_densities)):
+        own = fix_batch == index
+        tile = draw_fixations(density_overlay(image, sample_log_density), fix_x[own], fix_y[own])
+        width = max(1, round(tile.shape[1] * height / tile.shape[0]))
+        tiles.append(np.asarray(Image.fromarray(tile).resize((width, height), Image.BILINEAR)))
+        tiles.append(np.full((height, 4, 3), 255, dtype=np.uint8))
+    return np.concatenate(tiles[:-1], axis=1)
+
+
+class ValidationPanel(Callback):
+    """Every validation epoch, log one TensorBoard image `val/prediction`: the first `num_images` images of rank 0's
+    first validation batch (the same images every epoch) with the predicted density and their fixations.
+
+    Reads the full-resolution log density (B,1,H,W) from `validation_step`'s output `{"log_density": ...}`.
+    """
+
+    def __init__(self, num_images: int = 4, height: int = 192) -> None:
+        self.num_images = num_images
+        self.height = height
+
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        if not writers:
+            return
+        panel = render_panel(batch, outputs["log_density"], self.num_images, self.height)
+        for writer in writers:
+            writer.add_image("val/prediction", panel, global_step=trainer.global_step, dataformats="HWC")

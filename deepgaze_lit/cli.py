@@ -1,0 +1,172 @@
+"""`deepgaze`: the command line (LightningCLI) over `DeepGazeModule` and `SaliencyDataModule`.
+
+    deepgaze fit --config configs/quickstart.yaml
+    deepgaze fit --config configs/baseline.yaml --ckpt_path last          # resume
+    deepgaze validate --config configs/baseline.yaml --ckpt_path best     # evaluate best.ckpt, write a report
+    deepgaze predict --config configs/baseline.yaml --ckpt_path best --data.predict_dir images/
+
+Every run of an experiment shares one folder `<experiments_root>/<experiment>/` (see `deepgaze_lit.callbacks`);
+the checkpoint callbacks, TensorBoard logger, learning-rate monitor, validation image panel and prediction writer
+are added here, in code, so that configs stay short and checkpoint folders cannot diverge.
+"""
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from deepgaze_lit.callbacks import AtomicCheckpointIO, ValidationPanel, experiment_checkpoints
+from deepgaze_lit.data.datamodule import SaliencyDataModule
+from deepgaze_lit.data.dataset import DataError
+from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
+from deepgaze_lit.predict import PredictionWriter
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+HALF_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+NAMED_CHECKPOINTS = ("best", "last")
+
+
+class UsageError(Exception):
+    """A mistake in the command or its configuration; `main` prints it as one line and exits with status 2."""
+
+
+USER_ERRORS = (UsageError, DataError, FileNotFoundError, CheckpointMismatchError)
+"""Errors whose message tells the user what to fix: printed as one line, without a traceback."""
+
+
+def gpu_settings_without_gpu(trainer_config: Any) -> list[str]:
+    """The command-line flags that make a GPU configuration run on this CPU-only machine ([] when CUDA exists
+    or nothing asks for a GPU)."""
+    if torch.cuda.is_available():
+        return []
+    accelerator = str(trainer_config.get("accelerator"))
+    precision = str(trainer_config.get("precision"))
+    wants_gpu = accelerator in GPU_ACCELERATORS or (precision in HALF_PRECISIONS and accelerator != "cpu")
+    if not wants_gpu:
+        return []
+    fixes = ["--trainer.accelerator cpu", "--trainer.precision 32"]
+    if str(trainer_config.get("devices")) not in ("1", "auto"):
+        fixes.append("--trainer.devices 1")
+    if "ddp" in str(trainer_config.get("strategy")):
+        fixes.append("--trainer.strategy auto")
+    return fixes
+
+
+def require_training_checkpoint(path: Path) -> None:
+    """Raise UsageError unless `path` is a Lightning checkpoint written by `deepgaze fit`."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UsageError(
+            f"{path} is not a deepgaze-lit training checkpoint: for released weights such as deepgaze3.pth "
+            f"use --model.init_from {path} instead of --ckpt_path"
+        )
+
+
+class DeepGazeCLI(LightningCLI):
+    """LightningCLI with one folder per experiment and the application's callbacks added in code."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--experiment", type=str, default="default",
+            help="Experiment name: checkpoints in <experiments_root>/<experiment>/checkpoints, "
+            "TensorBoard logs and reports in <experiments_root>/<experiment>/logs.",
+        )
+        parser.add_argument("--experiments_root", type=str, default="experiments", help="Folder of all experiments.")
+        parser.add_argument(
+            "--output_dir", type=Optional[str], default=None,
+            help="predict only: folder for the .npy log densities and .png overlays "
+            "(default <experiments_root>/<experiment>/predictions).",
+        )
+
+    @property
+    def experiment_dir(self) -> Path:
+        config = self.config[self.subcommand]
+        return Path(config.experiments_root) / config.experiment
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        fixes = gpu_settings_without_gpu(config.trainer)
+        if fixes:
+            raise UsageError("no GPU found: run with " + " ".join(fixes))
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        if ckpt_path in NAMED_CHECKPOINTS and self.subcommand != "fit":
+            named = self.experiment_dir / "checkpoints" / f"{ckpt_path}.ckpt"
+            if not named.is_file():
+                raise UsageError(f"no {ckpt_path} checkpoint of experiment '{config.experiment}': {named} is missing")
+            config.ckpt_path = ckpt_path = str(named)
+        if ckpt_path not in NAMED_CHECKPOINTS:
+            if not Path(ckpt_path).is_file():
+                raise UsageError(f"checkpoint {ckpt_path} does not exist")
+            require_training_checkpoint(Path(ckpt_path))
+        # The checkpoint supplies every weight: starting weights (init_from) must not be needed to rebuild the model.
+        config.model.init_from = None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self._get(self.config_init, "trainer")
+        experiment_dir = self.experiment_dir
+        callbacks = list(trainer_config.get("callbacks") or [])
+        logger = trainer_config.get("logger")
+        if self.subcommand == "predict" and logger is None:
+            logger = False
+        elif logger in (None, True):
+            logger = TensorBoardLogger(save_dir=str(experiment_dir), name="logs")
+        if self.subcommand == "fit" and trainer_config.get("enable_checkpointing") is not False:
+            callbacks += experiment_checkpoints(experiment_dir / "checkpoints")
+        if logger is not False:
+            if self.subcommand == "fit":
+                callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+            if self.subcommand in ("fit", "validate"):
+                callbacks.append(ValidationPanel())
+        if self.subcommand == "predict":
+            output_dir = self.config[self.subcommand].output_dir or experiment_dir / "predictions"
+            callbacks.append(PredictionWriter(str(output_dir)))
+        plugins = list(trainer_config.get("plugins") or [])
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs.update(callbacks=callbacks, logger=logger, plugins=plugins)
+        if trainer_config.get("default_root_dir") is None:
+            kwargs["default_root_dir"] = str(experiment_dir)
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(ig_summary(self.trainer.callback_metrics), flush=True)
+
+
+def ig_summary(metrics: dict) -> str:
+    """The line `deepgaze fit` ends with: the last validation IG over the centre bias, with the gold standard's."""
+    if "val/ig" not in metrics:
+        return "validation IG over centre bias: not computed (no validation ran)"
+    line = f"validation IG over centre bias: {float(metrics['val/ig']):.4f} bit/fix"
+    if "val/gold_ig" in metrics:
+        gold = float(metrics["val/gold_ig"])
+        line += f" ({100.0 * float(metrics['val/ig']) / gold:.1f}% of the gold standard {gold:.4f} bit/fix)"
+    return line
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the `deepgaze` console script; `args` replaces sys.argv[1:] (used by tests)."""
+    try:
+        DeepGazeCLI(
+            DeepGazeModule,
+            SaliencyDataModule,
+            trainer_defaults={"use_distributed_sampler": False},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except USER_ERRORS as error:
+        print(f"deepgaze: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
