@@ -3,14 +3,19 @@
 All readers return a `FixationDataset` (coordinates in pixels of the image, 0-based, x right, y down).
 """
 
+from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, CrossvalidatedBaselineCenterbias,
+                         TemplateCenterbias, UniformCenterbias, centerbias_log_density)
 from .csv_dataset import read_csv_dataset
 from .dataset import DataError, FixationDataset, load_rgb
 from .mit1003 import read_mit1003
 from .pysaliency_io import read_pysaliency
 from .resize import target_shape
+from .splits import crossval_split, holdout_split
 from .synthetic import make_synthetic
 
 __all__ = [
-    "DataError", "FixationDataset", "load_rgb", "make_synthetic", "read_csv_dataset", "read_mit1003",
-    "read_pysaliency", "target_shape",
+    "MIT1003_BANDWIDTH", "MIT1003_EPS", "BaselineCenterbias", "CrossvalidatedBaselineCenterbias", "DataError",
+    "FixationDataset", "TemplateCenterbias", "UniformCenterbias", "centerbias_log_density", "crossval_split",
+    "holdout_split", "load_rgb", "make_synthetic", "read_csv_dataset", "read_mit1003", "read_pysaliency",
+    "target_shape",
 ]

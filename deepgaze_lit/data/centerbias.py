@@ -1,0 +1,142 @@
+"""Centre-bias log densities (nats, per pixel, logsumexp = 0): pysaliency's BaselineModel, a template, uniform.
+
+Every model here has `log_density(shape) -> (H,W) float64` and caches its result per image shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+from scipy.ndimage import gaussian_filter, zoom
+from scipy.special import logsumexp
+
+from .dataset import DataError, FixationDataset
+
+MIT1003_BANDWIDTH = 10 ** -1.6667673342543432
+"""KDE bandwidth fitted on MIT1003, as a fraction of the image height (rows) and width (columns)."""
+MIT1003_EPS = 10 ** -14.884189168516073
+"""Weight of the uniform component mixed into the KDE, fitted on MIT1003."""
+
+
+class CenterbiasModel(Protocol):
+    """Anything giving a centre-bias log density for an image shape."""
+
+    def log_density(self, shape: tuple[int, int]) -> np.ndarray:
+        """(H,W) float64 log density in nats; logsumexp over pixels = 0."""
+
+
+def _relative_targets(dataset: FixationDataset, leave_out: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Target fixations as fractions (x/W, y/H) of their own image, optionally without image `leave_out`."""
+    keep = dataset.is_target
+    if leave_out is not None:
+        keep = keep & (dataset.n != leave_out)
+    if not keep.any():
+        raise DataError(f"{dataset.source}: no fixations to build the centre bias from")
+    return dataset.x[keep] / dataset.shapes[dataset.n[keep], 1], dataset.y[keep] / dataset.shapes[dataset.n[keep], 0]
+
+
+def _kde_log_density(x_rel: np.ndarray, y_rel: np.ndarray, shape: tuple[int, int],
+                     bandwidth: float, eps: float) -> np.ndarray:
+    height, width = int(shape[0]), int(shape[1])
+    counts = np.zeros((height, width))
+    np.add.at(counts, ((y_rel * height).astype(int), (x_rel * width).astype(int)), 1)
+    smoothed = gaussian_filter(counts, [bandwidth * height, bandwidth * width])
+    mixed = (1 - eps) * smoothed + eps / (height * width)
+    log_density = np.log(mixed)
+    return log_density - logsumexp(log_density)
+
+
+def centerbias_log_density(dataset: FixationDataset, shape: tuple[int, int], bandwidth: float = MIT1003_BANDWIDTH,
+                           eps: float = MIT1003_EPS, leave_out: Optional[int] = None) -> np.ndarray:
+    """pysaliency's BaselineModel log density (nats) for an image of `shape` (H, W) from `dataset`'s fixations.
+
+    Each target fixation is normalised by its own image's size (x/W, y/H) and counted at pixel
+    (int(y_rel*H), int(x_rel*W)) of the target shape; the counts are smoothed with a Gaussian of sigma
+    (bandwidth*H, bandwidth*W) pixels (scipy `gaussian_filter`, mode 'reflect', truncate 4), mixed with a uniform
+    density as (1-eps)*counts + eps/(H*W), logged and normalised. Forced initial fixations are not counted.
+    `leave_out`: an image index whose fixations are left out (pysaliency's CrossvalidatedBaselineModel,
+    used to evaluate the centre bias itself on that image). Pass the TRAINING split to avoid leakage.
+    """
+    x_rel, y_rel = _relative_targets(dataset, leave_out)
+    return _kde_log_density(x_rel, y_rel, shape, bandwidth, eps)
+
+
+class BaselineCenterbias:
+    """pysaliency `BaselineModel` from a (training) dataset, cached per shape; see `centerbias_log_density`."""
+
+    def __init__(self, dataset: FixationDataset, bandwidth: float = MIT1003_BANDWIDTH, eps: float = MIT1003_EPS):
+        self.x_rel, self.y_rel = _relative_targets(dataset)
+        self.bandwidth = bandwidth
+        self.eps = eps
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def log_density(self, shape: tuple[int, int]) -> np.ndarray:
+        """(H,W) float64 log density in nats."""
+        key = (int(shape[0]), int(shape[1]))
+        if key not in self._cache:
+            self._cache[key] = _kde_log_density(self.x_rel, self.y_rel, key, self.bandwidth, self.eps)
+        return self._cache[key]
+
+
+class CrossvalidatedBaselineCenterbias:
+    """pysaliency `CrossvalidatedBaselineModel`: for image i, the KDE of all other images' fixations.
+
+    For evaluating the centre bias itself (its information gain over uniform) without fitting to the test image.
+    """
+
+    def __init__(self, dataset: FixationDataset, bandwidth: float = MIT1003_BANDWIDTH, eps: float = MIT1003_EPS):
+        self.dataset = dataset
+        self.bandwidth = bandwidth
+        self.eps = eps
+
+    def log_density_for_image(self, index: int) -> np.ndarray:
+        """(H,W) float64 log density (nats) at image `index`'s shape, leaving that image's fixations out."""
+        shape = tuple(self.dataset.shapes[index])
+        return centerbias_log_density(self.dataset, shape, self.bandwidth, self.eps, leave_out=index)
+
+
+class UniformCenterbias:
+    """The uniform density: -log(H*W) at every pixel."""
+
+    def log_density(self, shape: tuple[int, int]) -> np.ndarray:
+        """(H,W) float64 log density in nats."""
+        height, width = int(shape[0]), int(shape[1])
+        return np.full((height, width), -np.log(height * width))
+
+
+class TemplateCenterbias:
+    """A 2-D log-density template (e.g. the released `centerbias_mit1003.npy`) zoomed to each image shape.
+
+    Zoom is nearest-neighbour (scipy `zoom`, order 0, mode 'nearest') followed by renormalisation, as in the
+    DeepGaze examples.
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: centre-bias template not found; expected a .npy file with a 2-D log density")
+        try:
+            template = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot read the centre-bias template ({err}); expected a .npy array") from err
+        if template.ndim != 2 or not np.issubdtype(template.dtype, np.floating):
+            raise DataError(f"{path}: centre-bias template has shape {template.shape} and dtype {template.dtype}; "
+                            "expected a 2-D float array of log densities")
+        if not np.isfinite(template).all():
+            raise DataError(f"{path}: centre-bias template contains NaN or infinite values; expected log densities")
+        self.path = path
+        self.template = template.astype(np.float64)
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def log_density(self, shape: tuple[int, int]) -> np.ndarray:
+        """(H,W) float64 log density in nats."""
+        key = (int(shape[0]), int(shape[1]))
+        if key not in self._cache:
+            factors = (key[0] / self.template.shape[0], key[1] / self.template.shape[1])
+            zoomed = zoom(self.template, factors, order=0, mode="nearest")
+            if zoomed.shape != key:
+                raise ValueError(f"{self.path}: zoomed template to {zoomed.shape}, expected {key}")
+            self._cache[key] = zoomed - logsumexp(zoomed)
+        return self._cache[key]
