@@ -56,7 +56,7 @@ def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     resized = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(resized)
+    return np.array(resized)
 
 
 def resize_log_density(log_density: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
