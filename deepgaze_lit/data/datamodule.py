@@ -1,0 +1,307 @@
+"""SaliencyDataModule: everything between files on disk and the batches DeepGaze III consumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, CenterbiasModel, TemplateCenterbias,
+                         UniformCenterbias)
+from .csv_dataset import read_csv_dataset
+from .dataset import DataError, FixationDataset, is_image_file, natural_key
+from .image_cache import SharedImageCache
+from .mit1003 import read_mit1003
+from .pysaliency_io import read_pysaliency
+from .resize import target_shapes
+from .sampler import ResumableDataLoader, ShapeBucketBatchSampler
+from .splits import crossval_split, holdout_split
+from .synthetic import make_synthetic
+from .torch_dataset import (CenterbiasTensors, FixationSamples, ImageSamples, PredictImages, collate_predict,
+                            collate_samples)
+
+STAGE_SPLITS = {"fit": "train", "validate": "val", "test": "test"}
+"""Lightning stage -> split whose images `split_dataset(stage)` returns."""
+
+
+class SaliencyDataModule(pl.LightningDataModule):
+    """Eye-tracking data for DeepGaze III: reading, splitting, resizing, centre bias, history and batching.
+
+    Batches are the dict of ARCHITECTURE.md (see `torch_dataset.py`); `image_index` indexes the stage's
+    `split_dataset(stage)`. One summary line (images, fixations, dropped, per split) is printed at setup.
+
+    Args:
+        source: where the data comes from. "synthetic": built-in images with a known fixation density;
+            "pysaliency": pysaliency 0.2.22 cache (stimuli.hdf5 + fixations.hdf5) in `path`; "mit1003": the
+            official MIT1003 download (ALLSTIMULI/, ALLFIXATIONMAPS/) in `path`; "csv": images in `path`,
+            fixations in `csv_path`.
+        path: dataset folder (pysaliency, mit1003) or image folder (csv).
+        csv_path: CSV of fixations (columns image,x,y and optional subject,t,scanpath), for source "csv".
+        synthetic_images: number of synthetic images.
+        synthetic_seed: seed of the synthetic images and fixations.
+        synthetic_sizes: (H, W) sizes in pixels of the synthetic images, used in turn.
+        synthetic_subjects: scanpaths (subjects) per synthetic image.
+        initial_fixation: whether scanpaths start with a forced central fixation that is history only, never a
+            target; null detects it (at least 80% of scanpath starts near the image centre).
+        split: "holdout" (seeded shuffle) or "crossval" (pysaliency's folds).
+        val_images: holdout: number of validation images.
+        test_images: holdout: number of separate test images; 0 makes the test split the validation split.
+        fold: crossval: fold whose chunk is the test split (chunk fold-1 is validation).
+        folds: crossval: number of folds.
+        split_seed: holdout: seed of the shuffle (crossval always uses pysaliency's seed 42).
+        resize: "native" sizes; "two_sizes" (768x1024 landscape, 1024x768 otherwise, as DeepGaze training);
+            "max_side" (scale down so the longer side is at most `max_side` pixels). Fixations follow the image.
+        max_side: longest image side in pixels for resize "max_side".
+        centerbias: "kde" (pysaliency BaselineModel of the TRAINING fixations), "uniform", or "template"
+            (a 2-D log-density .npy file zoomed to each image size).
+        centerbias_template: .npy file for centerbias "template" (e.g. the released centerbias_mit1003.npy).
+        centerbias_bandwidth: kde bandwidth as a fraction of the image height/width (MIT1003 fit by default).
+        centerbias_eps: kde weight of the uniform component (MIT1003 fit by default).
+        history: "none" (spatial model: all history slots NaN), "dummy" (slot 0 = image centre, W/2, H/2),
+            "real" (the 4 preceding fixations of the scanpath, most recent first; needs targets "fixation" and
+            data with scanpaths).
+        targets: "image" (one sample per image with all its fixations, images weighted equally) or "fixation"
+            (one sample per fixation with its own history, weight 1/fixations of its image).
+        batch_size: training samples per batch (all of one image size).
+        eval_batch_size: validation/test samples per batch; null uses batch_size.
+        num_workers: loader worker processes (persistent between epochs when > 0).
+        pin_memory: pin batches in page-locked memory when CUDA is available.
+        seed: seed of the training order; epoch e's order depends only on (seed, e).
+        image_cache_mb: budget in MB of the shared-memory cache of decoded, resized images (0: decode each time).
+        predict_dir: folder of images for `deepgaze predict` (any size Pillow reads; both sides >= 64 px after
+            resizing, smaller images raise an error).
+    """
+
+    def __init__(
+        self,
+        source: Literal["synthetic", "pysaliency", "mit1003", "csv"] = "synthetic",
+        path: Optional[str] = None,
+        csv_path: Optional[str] = None,
+        synthetic_images: int = 100,
+        synthetic_seed: int = 0,
+        synthetic_sizes: Sequence[tuple[int, int]] = ((256, 320), (320, 256)),
+        synthetic_subjects: int = 8,
+        initial_fixation: Optional[bool] = None,
+        split: Literal["holdout", "crossval"] = "holdout",
+        val_images: int = 101,
+        test_images: int = 0,
+        fold: int = 0,
+        folds: int = 10,
+        split_seed: int = 42,
+        resize: Literal["native", "two_sizes", "max_side"] = "native",
+        max_side: Optional[int] = None,
+        centerbias: Literal["kde", "uniform", "template"] = "kde",
+        centerbias_template: Optional[str] = None,
+        centerbias_bandwidth: float = MIT1003_BANDWIDTH,
+        centerbias_eps: float = MIT1003_EPS,
+        history: Literal["none", "dummy", "real"] = "dummy",
+        targets: Literal["image", "fixation"] = "image",
+        batch_size: int = 32,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        seed: int = 42,
+        image_cache_mb: int = 2048,
+        predict_dir: Optional[str] = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if history == "real" and targets != "fixation":
+            raise ValueError("history 'real' needs targets 'fixation': every fixation has its own history")
+        if source != "synthetic" and path is None:
+            raise ValueError(f"source '{source}' needs data.path (the dataset or image folder)")
+        if source == "csv" and csv_path is None:
+            raise ValueError("source 'csv' needs data.csv_path (the CSV of fixations)")
+        if resize == "max_side" and (max_side is None or max_side < 1):
+            raise ValueError("resize 'max_side' needs a positive data.max_side (pixels)")
+        if centerbias == "template" and centerbias_template is None:
+            raise ValueError("centerbias 'template' needs data.centerbias_template (a .npy log density)")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError("batch_size and eval_batch_size must be at least 1")
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+        self.summary: Optional[str] = None
+        self._dataset: Optional[FixationDataset] = None
+        self._splits: dict[str, FixationDataset] = {}
+        self._image_cache: Optional[SharedImageCache] = None
+        self._centerbias: Optional[CenterbiasTensors] = None
+        self._samples: dict[str, ImageSamples | FixationSamples] = {}
+        self._digests: dict[int, str] = {}
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Read, resize and split the data and build the centre bias once (idempotent); "predict" needs only
+        what prediction uses."""
+        if stage == "predict":
+            self._prediction_paths()
+            self._centerbias_tensors()
+            return
+        self._setup_splits()
+
+    def _read_source(self) -> FixationDataset:
+        hp = self.hparams
+        if hp.source == "synthetic":
+            return make_synthetic(n_images=hp.synthetic_images, seed=hp.synthetic_seed,
+                                  sizes=[tuple(size) for size in hp.synthetic_sizes], subjects=hp.synthetic_subjects,
+                                  initial_fixation=hp.initial_fixation is not False)
+        if hp.source == "pysaliency":
+            return read_pysaliency(hp.path, initial_fixation=hp.initial_fixation)
+        if hp.source == "mit1003":
+            return read_mit1003(hp.path)
+        return read_csv_dataset(hp.path, hp.csv_path, initial_fixation=hp.initial_fixation)
+
+    def _split_indices(self, n_images: int) -> dict[str, np.ndarray]:
+        hp = self.hparams
+        if hp.split == "crossval":
+            train, val, test = crossval_split(n_images, hp.folds, hp.fold)
+        else:
+            train, val, test = holdout_split(n_images, hp.val_images, hp.test_images, hp.split_seed)
+        return {"train": train, "val": val, "test": test}
+
+    def _setup_splits(self) -> None:
+        if self._splits:
+            return
+        hp = self.hparams
+        native = self._read_source()
+        dataset = native.resized(target_shapes(native.shapes, hp.resize, hp.max_side))
+        targets = dataset.targets_per_image()
+        splits, empty = {}, {}
+        for name, indices in self._split_indices(dataset.n_images).items():
+            with_targets = indices[targets[indices] > 0]
+            empty[name] = len(indices) - len(with_targets)
+            splits[name] = dataset.subset(with_targets)
+            if splits[name].n_images == 0:
+                raise DataError(f"{dataset.source}: the {name} split has no image with fixations; "
+                                "expected a larger dataset or other split settings")
+        self._dataset = dataset
+        self._splits = splits
+        self._image_cache = SharedImageCache(dataset.shapes, hp.image_cache_mb << 20)
+        centerbias = self._centerbias_tensors()
+        for split in splits.values():
+            for shape in np.unique(split.shapes, axis=0):
+                centerbias(tuple(shape))
+        self.summary = self._summary(native, dataset, empty)
+        rank_zero_info(self.summary)
+
+    def _summary(self, native: FixationDataset, dataset: FixationDataset, empty: dict[str, int]) -> str:
+        hp = self.hparams
+        initial = int(dataset.is_initial.sum())
+        parts = [f"data {hp.source} ({dataset.source}): {dataset.n_images} images, {dataset.n_fixations} fixations "
+                 f"({initial} forced initial, history only), dropped {native.dropped_fixations} fixations outside "
+                 "their image"]
+        for name, split in self._splits.items():
+            parts.append(f"{name} {split.n_images} images / {int(split.is_target.sum())} target fixations"
+                         f" (dropped {empty[name]} images without fixations)")
+        shapes = len(np.unique(dataset.shapes, axis=0))
+        parts.append(f"split {hp.split}; resize {hp.resize}: {shapes} image size(s); centre bias {hp.centerbias}; history {hp.history}; "
+                     f"targets {hp.targets}; image cache {self._image_cache.n_cached}/{dataset.n_images} images")
+        return " | ".join(parts)
+
+    def _centerbias_model(self) -> CenterbiasModel:
+        hp = self.hparams
+        if hp.centerbias == "uniform":
+            return UniformCenterbias()
+        if hp.centerbias == "template":
+            return TemplateCenterbias(hp.centerbias_template)
+        self._setup_splits()
+        return BaselineCenterbias(self._splits["train"], hp.centerbias_bandwidth, hp.centerbias_eps)
+
+    def _centerbias_tensors(self) -> CenterbiasTensors:
+        if self._centerbias is None:
+            self._centerbias = CenterbiasTensors(self._centerbias_model())
+        return self._centerbias
+
+    def centerbias_for(self, shape: tuple[int, int]) -> torch.Tensor:
+        """(H,W) float32 centre-bias log density (nats) for an image of `shape` (H, W), cached per shape."""
+        return self._centerbias_tensors()(shape)
+
+    def split_dataset(self, stage: str) -> FixationDataset:
+        """The images of the split used in `stage` ("fit": train, "validate": validation, "test": test), after
+        resizing, without images that have no target fixation; batches' `image_index` indexes it."""
+        if stage not in STAGE_SPLITS:
+            raise ValueError(f"stage must be one of {', '.join(STAGE_SPLITS)}, got {stage!r}")
+        self._setup_splits()
+        return self._splits[STAGE_SPLITS[stage]]
+
+    def data_fingerprint(self, stage: str = "fit") -> str:
+        """Hex digest of the stage's images (content hashes, in order) and their network input sizes.
+
+        Two runs with equal fingerprints feed identical images at identical sizes, so per-image results such as
+        backbone features can be cached under it.
+        """
+        dataset = self.split_dataset(stage)
+        digest = hashlib.sha256()
+        policy = {"resize": self.hparams.resize, "max_side": self.hparams.max_side,
+                  "shapes": dataset.shapes.tolist()}
+        digest.update(json.dumps(policy, sort_keys=True).encode())
+        for index, image_id in enumerate(dataset.image_ids):
+            if int(image_id) not in self._digests:
+                self._digests[int(image_id)] = dataset.image_digest(index)
+            digest.update(self._digests[int(image_id)].encode())
+        return digest.hexdigest()[:32]
+
+    def _samples_for(self, stage: str) -> ImageSamples | FixationSamples:
+        if stage not in self._samples:
+            samples_cls = ImageSamples if self.hparams.targets == "image" else FixationSamples
+            self._samples[stage] = samples_cls(self.split_dataset(stage), self._centerbias_tensors(),
+                                               self.hparams.history, self._image_cache)
+        return self._samples[stage]
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _loader_options(self) -> dict:
+        workers = self.hparams.num_workers
+        return {"num_workers": workers, "persistent_workers": workers > 0,
+                "pin_memory": self.hparams.pin_memory and torch.cuda.is_available()}
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled, shape-bucketed training batches; every rank gets the same number of batches."""
+        samples = self._samples_for("fit")
+        rank, world_size = self._rank_and_world_size()
+        sampler = ShapeBucketBatchSampler(samples.sample_shapes, self.hparams.batch_size, shuffle=True,
+                                          seed=self.hparams.seed, rank=rank, world_size=world_size)
+        if self.trainer is not None:
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
+        return ResumableDataLoader(samples, sampler, collate_fn=collate_samples, **self._loader_options())
+
+    def _evaluation_loader(self, stage: str) -> DataLoader:
+        samples = self._samples_for(stage)
+        rank, world_size = self._rank_and_world_size()
+        sampler = ShapeBucketBatchSampler(samples.sample_shapes, self.hparams.eval_batch_size or self.hparams.batch_size,
+                                          shuffle=False, rank=rank, world_size=world_size)
+        return DataLoader(samples, batch_sampler=sampler, collate_fn=collate_samples, **self._loader_options())
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches; every sample is seen exactly once across all ranks."""
+        return self._evaluation_loader("validate")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches; every sample is seen exactly once across all ranks."""
+        return self._evaluation_loader("test")
+
+    def _prediction_paths(self) -> list[str]:
+        folder = self.hparams.predict_dir
+        if folder is None:
+            raise DataError("no data.predict_dir given; expected a folder of images to predict")
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"{folder}: prediction folder not found; expected a folder of images")
+        paths = sorted((file for file in folder.iterdir() if is_image_file(file)), key=lambda f: natural_key(f.name))
+        if not paths:
+            raise DataError(f"{folder}: no images (expected files ending in .jpg, .jpeg, .png, ...)")
+        return [str(path) for path in paths]
+
+    def predict_dataloader(self) -> DataLoader:
+        """The images of `predict_dir` in natural order, one per batch, with a dummy central history and `path`."""
+        images = PredictImages(self._prediction_paths(), self._centerbias_tensors(), self.hparams.resize,
+                               self.hparams.max_side)
+        return DataLoader(images, batch_size=1, collate_fn=collate_predict, num_workers=self.hparams.num_workers,
+                          pin_memory=self.hparams.pin_memory and torch.cuda.is_available())

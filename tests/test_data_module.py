@@ -1,0 +1,208 @@
+"""SaliencyDataModule and the torch datasets: batch contents, history modes, targets, splits, synthetic data,
+prediction images, fingerprints and the setup summary."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepgaze_lit.data import (BaselineCenterbias, DataError, FixationSamples, SaliencyDataModule, make_synthetic,
+                               read_mit1003)
+from deepgaze_lit.data.centerbias import UniformCenterbias
+from deepgaze_lit.data.torch_dataset import CenterbiasTensors
+
+# Origin: fixture written by pysaliency 0.2.22 itself (../shared/fixtures/pysaliency_mini), copied into tests/data.
+FIXTURE = Path(__file__).parent / "data" / "pysaliency_mini"
+SMALL = dict(synthetic_images=12, val_images=3, synthetic_sizes=[(64, 96), (96, 64)], synthetic_subjects=3,
+             batch_size=4, image_cache_mb=16)
+BATCH_KEYS = {"image", "centerbias", "x_hist", "y_hist", "fix_batch", "fix_x", "fix_y", "weight", "image_index"}
+
+
+def _batches(loader):
+    return list(loader)
+
+
+def test_synthetic_is_deterministic_and_its_density_integrates_to_one():
+    first, second = make_synthetic(n_images=6, seed=3), make_synthetic(n_images=6, seed=3)
+    for key in ("x", "y", "n", "subject", "t", "x_hist", "y_hist"):
+        np.testing.assert_array_equal(getattr(first, key), getattr(second, key))
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, second.images))
+    assert not np.array_equal(first.x, make_synthetic(n_images=6, seed=4).x)
+    longer = make_synthetic(n_images=8, seed=3)
+    np.testing.assert_array_equal(longer.images[5], first.images[5])
+    for density, shape in zip(first.true_log_densities, first.shapes):
+        assert density.shape == tuple(shape) and np.exp(density).sum() == pytest.approx(1, abs=1e-12)
+    assert first.shapes.tolist()[:2] == [[256, 320], [320, 256]]
+    initial = first.is_initial
+    np.testing.assert_array_equal(first.x[initial], first.shapes[first.n[initial], 1] / 2)
+    assert first.has_history and int(initial.sum()) == 6 * 8
+
+
+def test_synthetic_generation_is_fast():
+    start = time.perf_counter()
+    make_synthetic(n_images=100, sizes=[(256, 320), (320, 256)])
+    assert time.perf_counter() - start < 5
+
+
+def test_batches_follow_the_contract():
+    data = SaliencyDataModule(**SMALL)
+    data.setup("fit")
+    train = data.split_dataset("fit")
+    batches = _batches(data.train_dataloader())
+    assert sum(len(batch["image_index"]) for batch in batches) == train.n_images
+    for batch in batches:
+        assert set(batch) == BATCH_KEYS
+        size = len(batch["image_index"])
+        height, width = batch["image"].shape[-2:]
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (size, 3, height, width)
+        assert batch["centerbias"].dtype == torch.float32 and batch["centerbias"].shape == (size, height, width)
+        assert batch["x_hist"].shape == (size, 4) and batch["weight"].tolist() == [1.0] * size
+        torch.testing.assert_close(batch["centerbias"][0], data.centerbias_for((height, width)))
+        for sample, index in enumerate(batch["image_index"].tolist()):
+            np.testing.assert_array_equal(batch["image"][sample].permute(1, 2, 0).numpy(), train.load_image(index))
+            targets = (train.n == index) & train.is_target
+            rows = batch["fix_batch"] == sample
+            np.testing.assert_allclose(batch["fix_x"][rows].numpy(), train.x[targets], rtol=1e-6)
+            assert batch["x_hist"][sample, 0] == width / 2 and batch["y_hist"][sample, 0] == height / 2
+            assert torch.isnan(batch["x_hist"][sample, 1:]).all()
+    expected = BaselineCenterbias(train).log_density((64, 96)).astype(np.float32)
+    np.testing.assert_array_equal(data.centerbias_for((64, 96)).numpy(), expected)
+
+
+def test_splits_are_disjoint_and_setup_is_idempotent():
+    data = SaliencyDataModule(**SMALL)
+    data.setup("fit")
+    train = data.split_dataset("fit")
+    data.setup("validate")
+    data.setup("test")
+    assert data.split_dataset("fit") is train
+    val, test = data.split_dataset("validate"), data.split_dataset("test")
+    assert not set(train.image_ids) & set(val.image_ids)
+    assert val.image_ids.tolist() == test.image_ids.tolist() and val.n_images == 3
+    assert train.n_images + val.n_images == 12
+    val_indices = sorted(i for batch in _batches(data.val_dataloader()) for i in batch["image_index"].tolist())
+    assert val_indices == list(range(val.n_images))
+
+
+def test_crossval_split_in_module():
+    data = SaliencyDataModule(split="crossval", folds=4, fold=1, **SMALL)
+    sizes = [data.split_dataset(stage).n_images for stage in ("fit", "validate", "test")]
+    assert sizes == [6, 3, 3]
+
+
+def test_fixation_targets_with_real_history_on_the_fixture():
+    data = SaliencyDataModule(source="pysaliency", path=str(FIXTURE), history="real", targets="fixation",
+                              split="holdout", val_images=2, batch_size=5, image_cache_mb=16)
+    data.setup("fit")
+    train = data.split_dataset("fit")
+    batches = _batches(data.train_dataloader())
+    assert sum(len(batch["weight"]) for batch in batches) == int(train.is_target.sum())
+    weight_per_image = np.zeros(train.n_images)
+    for batch in batches:
+        assert torch.equal(batch["fix_batch"], torch.arange(len(batch["weight"])))
+        np.add.at(weight_per_image, batch["image_index"].numpy(), batch["weight"].numpy())
+        for sample in range(len(batch["weight"])):
+            index = int(batch["image_index"][sample])
+            match = np.flatnonzero((train.n == index) & np.isclose(train.x, float(batch["fix_x"][sample]))
+                                   & np.isclose(train.y, float(batch["fix_y"][sample])))
+            assert len(match) == 1 and not train.is_initial[match[0]]
+            recorded = train.x_hist[match[0]][~np.isnan(train.x_hist[match[0]])]
+            expected = np.full(4, np.nan)
+            expected[:min(4, len(recorded))] = recorded[::-1][:4]
+            np.testing.assert_allclose(batch["x_hist"][sample].numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(weight_per_image, 1, rtol=1e-6)
+
+
+def test_history_none_and_two_sizes_resize():
+    data = SaliencyDataModule(source="pysaliency", path=str(FIXTURE), history="none", resize="two_sizes",
+                              val_images=2, batch_size=3, image_cache_mb=64)
+    data.setup("fit")
+    train = data.split_dataset("fit")
+    assert {tuple(shape) for shape in train.shapes} == {(768, 1024), (1024, 768)}
+    batch = _batches(data.train_dataloader())[0]
+    assert torch.isnan(batch["x_hist"]).all() and batch["image"].shape[-2:] in {(768, 1024), (1024, 768)}
+
+
+def test_real_history_needs_scanpaths_and_fixation_targets(tmp_path):
+    with pytest.raises(ValueError, match="needs targets 'fixation'"):
+        SaliencyDataModule(history="real", targets="image")
+    root = tmp_path / "mit"
+    (root / "ALLSTIMULI").mkdir(parents=True)
+    (root / "ALLFIXATIONMAPS").mkdir()
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(root / "ALLSTIMULI" / "a.jpeg")
+    points = np.zeros((64, 80), np.uint8)
+    points[10, 20] = 255
+    Image.fromarray(points).save(root / "ALLFIXATIONMAPS" / "a_fixPts.jpg")
+    with pytest.raises(DataError, match="history 'real' needs scanpaths"):
+        FixationSamples(read_mit1003(root), CenterbiasTensors(UniformCenterbias()), "real")
+
+
+def test_summary_reports_dropped_fixations_and_images(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(8):
+        Image.fromarray(np.full((64, 64, 3), index * 20, np.uint8)).save(images / f"img{index}.png")
+    rows = [f"img{index},{x},{y}" for index in range(7) for x, y in ((10, 10), (30, 40), (70, 5))]
+    (tmp_path / "fix.csv").write_text("image,x,y\n" + "\n".join(f"{r.split(',')[0]}.png,{r.split(',', 1)[1]}"
+                                                                 for r in rows) + "\n")
+    data = SaliencyDataModule(source="csv", path=str(images), csv_path=str(tmp_path / "fix.csv"), val_images=2,
+                              batch_size=2, image_cache_mb=16)
+    data.setup("fit")
+    assert "8 images, 14 fixations" in data.summary
+    assert "dropped 7 fixations outside their image" in data.summary
+    per_split = sum(data.split_dataset(stage).n_images for stage in ("fit", "validate"))
+    assert per_split == 7 and data.summary.count("dropped 1 images without fixations") == 1
+
+
+def test_fingerprint_depends_on_images_and_resize_policy():
+    first = SaliencyDataModule(**SMALL).data_fingerprint("fit")
+    assert first == SaliencyDataModule(**SMALL).data_fingerprint("fit")
+    assert first != SaliencyDataModule(**SMALL).data_fingerprint("validate")
+    assert first != SaliencyDataModule(resize="max_side", max_side=48, **SMALL).data_fingerprint("fit")
+    assert first != SaliencyDataModule(**{**SMALL, "synthetic_seed": 1}).data_fingerprint("fit")
+
+
+def test_predict_loader(tmp_path):
+    folder = tmp_path / "predict"
+    folder.mkdir()
+    Image.fromarray(np.zeros((70, 90), np.uint8)).save(folder / "b10.png")
+    Image.fromarray(np.zeros((200, 128, 3), np.uint8)).save(folder / "b2.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    data = SaliencyDataModule(centerbias="uniform", predict_dir=str(folder), resize="max_side", max_side=128)
+    data.setup("predict")
+    batches = _batches(data.predict_dataloader())
+    assert [batch["path"] for batch in batches] == [[str(folder / "b2.jpg")], [str(folder / "b10.png")]]
+    first, second = batches
+    assert first["image"].shape == (1, 3, 128, 82) and second["image"].shape == (1, 3, 70, 90)
+    assert first["original_shape"].tolist() == [[200, 128]]
+    assert first["centerbias"].shape == (1, 128, 82) and first["x_hist"][0, 0] == 41
+    assert torch.isnan(first["x_hist"][0, 1:]).all()
+    Image.fromarray(np.zeros((40, 90, 3), np.uint8)).save(folder / "small.png")
+    with pytest.raises(DataError, match="small.png: image is 40x90 pixels"):
+        _batches(SaliencyDataModule(centerbias="uniform", predict_dir=str(folder)).predict_dataloader())
+    with pytest.raises(DataError, match="prediction folder not found"):
+        SaliencyDataModule(centerbias="uniform", predict_dir=str(tmp_path / "none")).setup("predict")
+
+
+def test_missing_paths_fail_with_the_path(tmp_path):
+    with pytest.raises(DataError, match="dataset folder not found"):
+        SaliencyDataModule(source="pysaliency", path=str(tmp_path / "gone")).setup("fit")
+    with pytest.raises(ValueError, match="needs data.path"):
+        SaliencyDataModule(source="mit1003")
+
+
+@pytest.mark.timeout(120)
+def test_workers_share_the_image_cache():
+    data = SaliencyDataModule(num_workers=2, **SMALL)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    first = _batches(loader)
+    cache = data._image_cache
+    assert int(cache.filled.sum()) == data.split_dataset("fit").n_images
+    loader.batch_sampler.set_epoch(1)
+    second = _batches(loader)
+    assert sorted(i for b in first for i in b["image_index"].tolist()) == sorted(
+        i for b in second for i in b["image_index"].tolist())
