@@ -30,7 +30,7 @@ def _available_shared_bytes() -> int | None:
 
 
 class SharedImageCache:
-    """Cache of (H,W,3) uint8 images of known shapes within a byte budget.
+    """Cache of (3,H,W) uint8 images (channels first, as batched) of known shapes within a byte budget.
 
     Args:
         shapes: (N,2) int64 (H, W) of the images as they are stored (after resizing).
@@ -58,12 +58,12 @@ class SharedImageCache:
         return int(self.cached.sum())
 
     def get(self, index: int, load: Callable[[], np.ndarray]) -> np.ndarray:
-        """Image `index` as (H,W,3) uint8; `load()` produces it on a miss (or always when it has no slot)."""
+        """Image `index` as (3,H,W) uint8; `load()` produces it on a miss (or always when it has no slot)."""
         if not self.cached[index]:
             return load()
         height, width = (int(side) for side in self.shapes[index])
         start = int(self.offsets[index])
-        slot = self.storage[start:start + height * width * 3].numpy().reshape(height, width, 3)
+        slot = self.storage[start:start + height * width * 3].numpy().reshape(3, height, width)
         if not bool(self.filled[index]):
             image = load()
             if image.shape != slot.shape:
