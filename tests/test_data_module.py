@@ -3,6 +3,7 @@ prediction images, fingerprints and the setup summary."""
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -206,3 +207,19 @@ def test_workers_share_the_image_cache():
     second = _batches(loader)
     assert sorted(i for b in first for i in b["image_index"].tolist()) == sorted(
         i for b in second for i in b["image_index"].tolist())
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_loaders_take_rank_and_world_size_from_the_trainer(world_size):
+    seen, train_counts = [], set()
+    for rank in range(world_size):
+        data = SaliencyDataModule(**{**SMALL, "val_images": 5, "batch_size": 2})
+        progress = SimpleNamespace(current=SimpleNamespace(processed=3))
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=world_size,
+                                       fit_loop=SimpleNamespace(epoch_progress=progress))
+        data.setup("fit")
+        seen += [i for batch in _batches(data.val_dataloader()) for i in batch["image_index"].tolist()]
+        train = data.train_dataloader()
+        assert train.batch_sampler.epoch == 3
+        train_counts.add(len(_batches(train)))
+    assert sorted(seen) == list(range(5)) and len(train_counts) == 1

@@ -203,6 +203,10 @@ def test_mit1003_bad_layouts(mit_folder, tmp_path):
     _save_point_map(root / "ALLFIXATIONMAPS" / "i1_fixPts.jpg", (50, 90), [(3, 4)])
     with pytest.raises(DataError, match="i2_fixPts.jpg: fixation-point map not found"):
         read_mit1003(root)
+    for image in (root / "ALLSTIMULI").glob("*.jpeg"):
+        image.unlink()
+    with pytest.raises(DataError, match="ALLSTIMULI: no images"):
+        read_mit1003(root)
 
 
 def _write_csv(path: Path, header: str, rows: list[str]) -> Path:

@@ -1,6 +1,8 @@
 """Shape-bucketing batch sampler: ranks, epochs, seeds and resuming in the middle of an epoch (also via Lightning)."""
 
+import json
 import shutil
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -135,3 +137,33 @@ def test_lightning_resume_mid_epoch_and_end_of_epoch_keeps_the_order(tmp_path, n
     first = _fit(tmp_path, num_workers, callbacks=[end], max_steps=7)
     second = _fit(tmp_path, num_workers, ckpt_path=str(tmp_path / "end" / "epoch=0.ckpt"))
     assert first + second == full
+
+
+class _RankRecordingModule(_RecordingModule):
+    """Writes each rank's training batch count and validation image indices to `folder`."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = str(folder)
+        self.validated = []
+
+    def validation_step(self, batch, batch_idx):
+        self.validated += batch["image_index"].tolist()
+
+    def on_fit_end(self):
+        record = {"train_batches": len(self.seen), "validated": self.validated}
+        (Path(self.folder) / f"rank{self.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ddp_spawn_two_ranks(tmp_path):
+    data = SaliencyDataModule(synthetic_images=15, val_images=5, synthetic_sizes=[(64, 96), (96, 64)], batch_size=2,
+                              image_cache_mb=16)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=tmp_path)
+    trainer.fit(_RankRecordingModule(tmp_path), datamodule=data)
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert records[0]["train_batches"] == records[1]["train_batches"] == 3
+    assert sorted(records[0]["validated"] + records[1]["validated"]) == list(range(5))

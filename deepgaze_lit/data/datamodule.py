@@ -74,9 +74,11 @@ class SaliencyDataModule(pl.LightningDataModule):
         num_workers: loader worker processes (persistent between epochs when > 0).
         pin_memory: pin batches in page-locked memory when CUDA is available.
         seed: seed of the training order; epoch e's order depends only on (seed, e).
-        image_cache_mb: budget in MB of the shared-memory cache of decoded, resized images (0: decode each time).
+        image_cache_mb: budget in MB of the shared-memory cache of decoded, resized images, shared by the loader
+            workers of one process (0: decode each time). MIT1003 at two_sizes needs about 2.4 GB.
         predict_dir: folder of images for `deepgaze predict` (any size Pillow reads; both sides >= 64 px after
-            resizing, smaller images raise an error).
+            resizing, smaller images raise an error). Prediction uses the configured `centerbias`: "kde" reads
+            the training data to build it; with the released weights use "template" and centerbias_mit1003.npy.
     """
 
     def __init__(
@@ -108,7 +110,7 @@ class SaliencyDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = True,
         seed: int = 42,
-        image_cache_mb: int = 2048,
+        image_cache_mb: int = 3072,
         predict_dir: Optional[str] = None,
     ):
         super().__init__()
