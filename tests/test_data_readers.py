@@ -284,3 +284,12 @@ def test_csv_missing_paths_and_unreadable_image(csv_folder, tmp_path):
     (images / "broken.png").write_bytes(b"not an image at all")
     with pytest.raises(DataError, match="broken.png: not a readable image"):
         read_csv_dataset(images, csv_path)
+
+
+def test_mit1003_without_any_fixated_pixel(mit_folder):
+    root, _ = mit_folder
+    for point_map in (root / "ALLFIXATIONMAPS").glob("*_fixPts.jpg"):
+        shape = np.asarray(Image.open(point_map)).shape
+        Image.fromarray(np.zeros(shape, np.uint8)).save(point_map)
+    with pytest.raises(DataError, match="no fixated pixel"):
+        read_mit1003(root)

@@ -86,6 +86,14 @@ def _int_array(values, length: int, fill: int) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
+def _history_array(values, length: int) -> np.ndarray:
+    """(F,L) float64 history; None gives L = 0, a 1-D array one column."""
+    if values is None:
+        return np.zeros((length, 0))
+    values = np.asarray(values, dtype=np.float64)
+    return values.reshape(length, -1) if values.ndim < 2 else values
+
+
 @dataclass(eq=False)
 class FixationDataset:
     """Images (stimuli) with their shapes and every fixation as one row of per-fixation numpy arrays.
@@ -141,12 +149,8 @@ class FixationDataset:
         count = len(self.x)
         self.subject = _int_array(self.subject, count, -1)
         self.t = _float_array(self.t, count, np.nan)
-        if self.x_hist is None:
-            self.x_hist = np.zeros((count, 0))
-        if self.y_hist is None:
-            self.y_hist = np.zeros((count, 0))
-        self.x_hist = np.asarray(self.x_hist, dtype=np.float64).reshape(count, -1)
-        self.y_hist = np.asarray(self.y_hist, dtype=np.float64).reshape(count, -1)
+        self.x_hist = _history_array(self.x_hist, count)
+        self.y_hist = _history_array(self.y_hist, count)
         self.scanpath_index = _int_array(self.scanpath_index, count, -1)
         if self.is_initial is None:
             self.is_initial = np.zeros(count, dtype=bool)
