@@ -1,4 +1,4 @@
-"""Splits equal pysaliency's, the centre bias equals pysaliency's BaselineModel, resizing keeps fixations on the image."""
+"""Splits equal pysaliency's, the centre bias equals pysaliency's BaselineModel, resized fixations follow the image."""
 
 import json
 from pathlib import Path

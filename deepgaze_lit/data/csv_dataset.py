@@ -41,7 +41,8 @@ def _read_rows(csv_path: Path) -> tuple[dict[str, list[str]], list[int]]:
         header = [name.strip() for name in (reader.fieldnames or [])]
         missing = [name for name in REQUIRED_COLUMNS if name not in header]
         if missing:
-            raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)} (found {', '.join(header) or 'none'}); "
+            found = ", ".join(header) or "none"
+            raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)} (found {found}); "
                             f"expected a header with {', '.join(REQUIRED_COLUMNS)} and optionally "
                             f"{', '.join(OPTIONAL_COLUMNS)}")
         reader.fieldnames = header

@@ -129,7 +129,6 @@ class SaliencyDataModule(pl.LightningDataModule):
             raise ValueError("batch_size and eval_batch_size must be at least 1")
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.summary: Optional[str] = None
-        self._dataset: Optional[FixationDataset] = None
         self._splits: dict[str, FixationDataset] = {}
         self._image_cache: Optional[SharedImageCache] = None
         self._centerbias: Optional[CenterbiasTensors] = None
@@ -180,7 +179,6 @@ class SaliencyDataModule(pl.LightningDataModule):
             if splits[name].n_images == 0:
                 raise DataError(f"{dataset.source}: the {name} split has no image with fixations; "
                                 "expected a larger dataset or other split settings")
-        self._dataset = dataset
         self._splits = splits
         self._image_cache = SharedImageCache(dataset.shapes, hp.image_cache_mb << 20)
         centerbias = self._centerbias_tensors()
@@ -200,8 +198,9 @@ class SaliencyDataModule(pl.LightningDataModule):
             parts.append(f"{name} {split.n_images} images / {int(split.is_target.sum())} target fixations"
                          f" (dropped {empty[name]} images without fixations)")
         shapes = len(np.unique(dataset.shapes, axis=0))
-        parts.append(f"split {hp.split}; resize {hp.resize}: {shapes} image size(s); centre bias {hp.centerbias}; history {hp.history}; "
-                     f"targets {hp.targets}; image cache {self._image_cache.n_cached}/{dataset.n_images} images")
+        parts.append(f"split {hp.split}; resize {hp.resize}: {shapes} image size(s); centre bias {hp.centerbias}; "
+                     f"history {hp.history}; targets {hp.targets}; "
+                     f"image cache {self._image_cache.n_cached}/{dataset.n_images} images")
         return " | ".join(parts)
 
     def _centerbias_model(self) -> CenterbiasModel:
@@ -277,8 +276,9 @@ class SaliencyDataModule(pl.LightningDataModule):
     def _evaluation_loader(self, stage: str) -> DataLoader:
         samples = self._samples_for(stage)
         rank, world_size = self._rank_and_world_size()
-        sampler = ShapeBucketBatchSampler(samples.sample_shapes, self.hparams.eval_batch_size or self.hparams.batch_size,
-                                          shuffle=False, rank=rank, world_size=world_size)
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        sampler = ShapeBucketBatchSampler(samples.sample_shapes, batch_size, shuffle=False, rank=rank,
+                                          world_size=world_size)
         return DataLoader(samples, batch_sampler=sampler, collate_fn=collate_samples, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:

@@ -71,7 +71,8 @@ def load_rgb(path: str | Path) -> np.ndarray:
     except FileNotFoundError as err:
         raise DataError(f"{path}: image file not found") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot decode image ({err}); expected a readable image file such as JPEG or PNG") from err
+        raise DataError(f"{path}: cannot decode image ({err}); "
+                        "expected a readable image file such as JPEG or PNG") from err
 
 
 def _float_array(values, length: int, fill: float) -> np.ndarray:

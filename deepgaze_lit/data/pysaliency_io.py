@@ -46,7 +46,8 @@ def _read_stimuli(path: Path) -> dict:
             count = int(handle.attrs["size"])
             missing = [str(i) for i in range(count) if str(i) not in handle]
             if missing:
-                raise DataError(f"{path}: Stimuli datasets {', '.join(missing[:5])} are missing; expected '0'..'{count - 1}'")
+                raise DataError(f"{path}: Stimuli datasets {', '.join(missing[:5])} are missing; "
+                                f"expected '0'..'{count - 1}'")
             images = [_stimulus_to_rgb(handle[str(i)][...], path, i) for i in range(count)]
             shapes = np.array([image.shape[:2] for image in images], dtype=np.int64).reshape(-1, 2)
             return {"shapes": shapes, "images": images}
@@ -117,7 +118,8 @@ def read_pysaliency(path: str | Path, initial_fixation: Optional[bool] = None) -
         raise DataError(f"{stimuli_path}: no stimuli; expected at least one image")
     with h5py.File(fixations_path, "r") as handle:
         data_type, _ = _type_and_version(handle, fixations_path, FIXATIONS_VERSIONS)
-        fixations = (_read_fixation_trains if data_type == "FixationTrains" else _read_fixations)(handle, fixations_path)
+        read = _read_fixation_trains if data_type == "FixationTrains" else _read_fixations
+        fixations = read(handle, fixations_path)
     n_images = len(stimuli["shapes"])
     image_index = fixations["train_ns"] if data_type == "FixationTrains" else fixations["n"]
     if len(image_index) == 0:
