@@ -2,7 +2,7 @@
 
 Batch keys: image (B,3,H,W) uint8 RGB; centerbias (B,H,W) float32 log density (nats); x_hist, y_hist (B,4)
 float32 pixels, most recent fixation first, NaN = missing; fix_batch (K,) int64 sample of each target fixation;
-fix_x, fix_y (K,) float32 pixels; weight (B,) float32; image_index (B,) int64 index into the split's dataset.
+fix_x, fix_y (K,) float64 pixels (float64 so that int(x) picks the same pixel as pysaliency); weight (B,) float32; image_index (B,) int64 index into the split's dataset.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ class _Samples(Dataset):
             "centerbias": self.centerbias(shape),
             "x_hist": torch.from_numpy(x_hist),
             "y_hist": torch.from_numpy(y_hist),
-            "fix_x": torch.from_numpy(self.dataset.x[fixations].astype(np.float32)),
-            "fix_y": torch.from_numpy(self.dataset.y[fixations].astype(np.float32)),
+            "fix_x": torch.from_numpy(self.dataset.x[fixations].astype(np.float64)),
+            "fix_y": torch.from_numpy(self.dataset.y[fixations].astype(np.float64)),
             "weight": weight,
             "image_index": index,
         }
