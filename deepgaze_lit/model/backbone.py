@@ -1,0 +1,154 @@
+"""Frozen DenseNet-201 feature extractor of DeepGaze III (torchvision architecture, ImageNet normalisation).
+
+State-dict layout (as the released model): `features.0` is the parameter-free ImageNet normaliser, `features.1` the
+whole torchvision DenseNet-201, norm5 and classifier included so that release checkpoints load, although the
+forward pass stops where the last captured layer is computed.
+"""
+
+import math
+import re
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models import DenseNet201_Weights, densenet201
+
+from deepgaze_lit.model.grids import DOWNSAMPLE
+
+IMAGENET_WEIGHTS = DenseNet201_Weights.IMAGENET1K_V1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FEATURE_CHANNELS = 2048
+"""denselayer32.norm1 (1888, before its ReLU) + denselayer32.conv1 (128) + denselayer31.conv2 (32)."""
+
+_LEGACY_DENSELAYER_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(weight|bias|running_mean|running_var|num_batches_tracked)$"
+)
+
+
+def imagenet_weights_path() -> Path:
+    """Where torchvision's ImageNet DenseNet-201 file must lie: <torch hub dir>/checkpoints/densenet201-c1103571.pth."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(IMAGENET_WEIGHTS.url).path).name
+
+
+def backbone_output_side(side: int) -> int:
+    """Side of the DenseNet-201 feature maps (stride 32) for a backbone input side (pixels); 0 = too small."""
+    side = (side + 2 * 3 - 7) // 2 + 1  # conv0: 7x7, stride 2, padding 3
+    side = (side + 2 * 1 - 3) // 2 + 1  # pool0: 3x3 max pool, stride 2, padding 1
+    for _ in range(3):  # transitions 1-3: 2x2 average pool, stride 2
+        side = side // 2 if side >= 2 else 0
+    return side
+
+
+def minimum_image_side() -> int:
+    """Smallest image side (pixels) DeepGaze III accepts: after subsampling by 2, DenseNet-201 needs >= 1 output."""
+    side = 1
+    while backbone_output_side(side // DOWNSAMPLE) < 1:
+        side += 1
+    return side
+
+
+MIN_IMAGE_SIDE = minimum_image_side()
+
+
+def read_densenet_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a torchvision densenet201 state dict (legacy `norm.1`-style keys are renamed to `norm1`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DenseNet-201 weight file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensors) but a {type(state).__name__}")
+    return OrderedDict((_LEGACY_DENSELAYER_KEY.sub(r"\1\2.\3", key), value) for key, value in state.items())
+
+
+def _backbone_state_dict(weights: str | Path) -> dict[str, Tensor] | None:
+    """The torchvision state dict for `weights` ('imagenet', 'none' or a .pth path); None for 'none'."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        path = imagenet_weights_path()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"ImageNet weights for DenseNet-201 not found: put the file {path.name} (torchvision "
+                f"DenseNet201_Weights.IMAGENET1K_V1, {IMAGENET_WEIGHTS.url}) into the folder {path.parent} "
+                f"(set TORCH_HOME to use another torch hub folder), or use backbone_weights='none' or a .pth path. "
+                f"Nothing is downloaded at run time."
+            )
+        return read_densenet_state_dict(path)
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone_weights={str(weights)!r}: expected 'imagenet', 'none' or the path of a torchvision "
+            f"densenet201 state dict (.pth), but {path} does not exist"
+        )
+    return read_densenet_state_dict(path)
+
+
+class ImageNetNormalization(nn.Module):
+    """RGB 0..255 -> (x / 255 - mean) / std with the ImageNet statistics (non-persistent buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return (image / 255 - self.mean) / self.std
+
+
+class DenseNetFeatures(nn.Module):
+    """Frozen DenseNet-201: (B, 3, h, w) RGB 0..255 -> (B, 2048, ~h/32, ~w/32) features (always eval mode).
+
+    `weights`: 'imagenet' (torchvision IMAGENET1K_V1 from the torch hub cache, never downloaded), 'none' (random,
+    for tests and for loading a full checkpoint afterwards) or the path of a torchvision densenet201 `.pth`.
+    """
+
+    def __init__(self, weights: str | Path = "imagenet"):
+        super().__init__()
+        state = _backbone_state_dict(weights)
+        network = densenet201(weights=None)
+        if state is not None:
+            result = network.load_state_dict(state, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(
+                    f"backbone_weights={str(weights)!r} is not a torchvision densenet201 state dict: "
+                    f"missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}"
+                )
+        self.features = nn.Sequential(ImageNetNormalization(), network)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "DenseNetFeatures":
+        """The backbone is frozen: it stays in eval mode (fixed BatchNorm statistics) whatever `mode` is."""
+        return super().train(False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """image (B, 3, h, w) float RGB 0..255 -> (B, 2048, h', w'); runs nothing after denselayer32.conv1."""
+        network = self.features[1].features
+        x = self.features[0](image)
+        for name, module in network.named_children():
+            if name == "denseblock4":
+                break
+            x = module(x)
+        *layers, last = network.denseblock4.children()
+        block_features = [x]
+        for layer in layers:
+            block_features.append(layer(block_features))
+        before_relu = last.norm1(torch.cat(block_features, dim=1))
+        bottleneck = last.conv1(F.relu(before_relu))
+        return torch.cat([before_relu, bottleneck, block_features[-1]], dim=1)
+
+
+def check_image_side(height: int, width: int) -> None:
+    """Raise a ValueError when an image of height x width pixels is too small for the backbone."""
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"image of {height}x{width} pixels is too small: DeepGaze III subsamples by {DOWNSAMPLE} and "
+            f"DenseNet-201 then needs both image sides >= {MIN_IMAGE_SIDE} pixels; resize the image "
+            f"(e.g. by a factor {math.ceil(MIN_IMAGE_SIDE / max(min(height, width), 1))})"
+        )

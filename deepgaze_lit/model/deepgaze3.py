@@ -1,0 +1,226 @@
+"""DeepGaze III (Kümmerer, Bethge, Wallis 2022, JOV 22(5):7): a uniform mixture of K components on a frozen
+DenseNet-201, and its output on the finalizer grid (`BlockLogDensity`).
+
+The computation is the reference's, sized to what the output needs: the 1x1-convolution saliency path runs on the
+backbone's native grid (LayerNorm statistics weighted by how often nearest upsampling copies each cell), the
+scanpath encoding is computed only at the readout-grid sample positions, and the finalizer and the mixture run on
+the finalizer grid, normalised over the full image with the block sizes as weights.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from deepgaze_lit.model.backbone import FEATURE_CHANNELS, DenseNetFeatures, check_image_side
+from deepgaze_lit.model.checkpoint import LoadReport, extract_component, load_weights, read_state_dict
+from deepgaze_lit.model.grids import DOWNSAMPLE, SALIENCY_MAP_FACTOR, NearestMap, readout_shape
+from deepgaze_lit.model.readout import (
+    HISTORY_LENGTH,
+    Finalizer,
+    FixationSelectionNetwork,
+    SaliencyNetwork,
+    ScanpathNetwork,
+    finalize,
+    fixation_selection,
+    normalised_saliency,
+    saliency_maps,
+    scanpath_encoding,
+    scanpath_features,
+)
+
+RELEASE_COMPONENTS = 10
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLogDensity:
+    """A full-resolution log density that is constant on the nearest-neighbour blocks of the finalizer grid.
+
+    `values` (B, 1, h4, w4): log density (nats) of ONE full-resolution pixel of each grid cell, normalised over the
+    full image; `grid_to_image`: the nearest map from the grid to the image (pixel (i, j) takes cell
+    (rows[i], cols[j])).
+    """
+
+    values: Tensor
+    grid_to_image: NearestMap
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(H, W) in pixels."""
+        return self.grid_to_image.out_shape
+
+    def full(self) -> Tensor:
+        """(B, 1, H, W) log density (nats); logsumexp over the pixels of each image is 0."""
+        return self.grid_to_image.apply(self.values)
+
+    def at(self, batch_index: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """(K,) log density (nats) at K fixations: sample `batch_index` (K,) int64, pixel [int(y), int(x)].
+
+        x, y (K,) pixel coordinates; coordinates outside the image are clamped to its border pixels.
+        """
+        height, width = self.image_shape
+        rows = self.grid_to_image.rows[y.long().clamp(0, height - 1)]
+        cols = self.grid_to_image.cols[x.long().clamp(0, width - 1)]
+        return self.values[batch_index, 0, rows, cols]
+
+    def cell_sizes(self) -> Tensor:
+        """(h4, w4): number of full-resolution pixels each grid cell stands for."""
+        return self.grid_to_image.cell_counts(self.values.dtype)
+
+    def entropy(self) -> Tensor:
+        """(B,) entropy (nats) of each full-resolution density."""
+        values = self.values[:, 0]
+        p_log_p = torch.where(torch.isfinite(values), values.exp() * values, 0)
+        return -(self.cell_sizes() * p_log_p).sum(dim=(-2, -1))
+
+
+class DeepGazeIII(nn.Module):
+    """DeepGaze III: a uniform mixture of `num_components` saliency / scanpath / fixation-selection / finalizer
+    components on a frozen DenseNet-201.
+
+    Args:
+        num_components: number of mixture components K (the release has 10, one per MIT1003 fold).
+        scanpath: with scanpath networks (fixation history); False gives the spatial-only model.
+        backbone_weights: 'imagenet' (torchvision IMAGENET1K_V1 from the torch hub cache, never downloaded),
+            'none' (random) or the path of a torchvision densenet201 state dict (.pth).
+
+    State-dict keys are those of the released `deepgaze3.pth` (`features.`, `saliency_networks.N.`,
+    `scanpath_networks.N.`, `fixation_selection_networks.N.`, `finalizers.N.`).
+    """
+
+    def __init__(self, num_components: int = RELEASE_COMPONENTS, scanpath: bool = True, backbone_weights: str | Path = "imagenet"):
+        super().__init__()
+        if num_components < 1:
+            raise ValueError(f"num_components must be >= 1, got {num_components}")
+        self.scanpath = scanpath
+        self.features = DenseNetFeatures(backbone_weights)
+        self.saliency_networks = nn.ModuleList(SaliencyNetwork() for _ in range(num_components))
+        if scanpath:
+            self.scanpath_networks = nn.ModuleList(ScanpathNetwork() for _ in range(num_components))
+        self.fixation_selection_networks = nn.ModuleList(
+            FixationSelectionNetwork(scanpath) for _ in range(num_components)
+        )
+        self.finalizers = nn.ModuleList(Finalizer() for _ in range(num_components))
+
+    @property
+    def num_components(self) -> int:
+        return len(self.finalizers)
+
+    @classmethod
+    def from_release(cls, path: str | Path, component: int | None = None) -> "DeepGazeIII":
+        """The released model from its state dict file (`deepgaze3.pth` layout), backbone included.
+
+        component=None: the 10-component scanpath mixture; component=k: a 1-component model holding component k
+        (the fold-k model, to be evaluated on fold k only).
+        """
+        state = read_state_dict(path)
+        if component is not None:
+            state = extract_component(state, component)
+        model = cls(RELEASE_COMPONENTS if component is None else 1, scanpath=True, backbone_weights="none")
+        load_weights(model, state, strict=True)
+        return model
+
+    def load_weights(self, source: str | Path | dict, component: int | None = None, strict: bool = True) -> LoadReport:
+        """Initialise from a mixture or single-model (one fold) state dict; see `checkpoint.load_weights`."""
+        return load_weights(self, source, component=component, strict=strict)
+
+    def backbone_features(self, image: Tensor) -> Tensor:
+        """Frozen backbone features: image (B, 3 or 1, H, W) RGB 0..255 (float or uint8) -> (B, 2048, h32, w32).
+
+        The image is subsampled by 2 (nearest) and passed through DenseNet-201 (stride 32) without gradient.
+        """
+        if image.dim() != 4 or image.shape[1] not in (1, 3):
+            raise ValueError(f"image must be (B, 3, H, W) RGB or (B, 1, H, W) greyscale, got {tuple(image.shape)}")
+        height, width = image.shape[-2:]
+        check_image_side(height, width)
+        channels_last = image.dim() == 4 and image.is_contiguous(memory_format=torch.channels_last)
+        subsampled = NearestMap.by_factor((height, width), DOWNSAMPLE, image.device).apply(image)
+        subsampled = subsampled.expand(-1, 3, -1, -1)
+        dtype = self.features.features[0].mean.dtype
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        subsampled = subsampled.to(dtype=dtype, memory_format=memory_format)
+        with torch.no_grad():
+            return self.features(subsampled)
+
+    def head(
+        self, features: Tensor, centerbias: Tensor, x_hist: Tensor | None = None, y_hist: Tensor | None = None
+    ) -> BlockLogDensity:
+        """Everything after the backbone: features (B, 2048, h, w), centerbias (B, H, W) log density (nats),
+        x_hist, y_hist (B, 4) pixels, most recent first, NaN = missing (ignored without scanpath networks).
+
+        The image size is centerbias.shape[-2:]. Returns the mixture's log density as a BlockLogDensity.
+        """
+        batch = features.shape[0]
+        self._check_head_inputs(features, centerbias)
+        dtype = self.finalizers[0].center_bias_weight.dtype
+        device = features.device
+        image_shape = tuple(centerbias.shape[-2:])
+        readout = readout_shape(image_shape)
+        native_to_readout = NearestMap.to_size(tuple(features.shape[-2:]), readout, device)
+        cell_weight = native_to_readout.cell_counts(dtype).flatten()
+        saliency = saliency_maps(list(self.saliency_networks), features.to(dtype).flatten(2), cell_weight)
+        saliency = normalised_saliency(list(self.fixation_selection_networks), saliency, cell_weight)
+
+        image_to_grid = NearestMap.by_factor(image_shape, SALIENCY_MAP_FACTOR, device)
+        readout_to_grid = NearestMap.to_size(readout, image_to_grid.out_shape, device)
+        if self.scanpath:
+            x_hist, y_hist = self._history(x_hist, y_hist, batch, dtype, device)
+            encoding, valid = scanpath_encoding(x_hist, y_hist, NearestMap.to_size(image_shape, readout, device))
+            history = scanpath_features(list(self.scanpath_networks), encoding, valid)
+            saliency = native_to_readout.apply_flat(saliency)
+            readout_values = fixation_selection(list(self.fixation_selection_networks), saliency, history)
+            to_grid = readout_to_grid
+        else:
+            readout_values = fixation_selection(list(self.fixation_selection_networks), saliency, None, cell_weight)
+            to_grid = readout_to_grid.after(native_to_readout)
+
+        final_dtype = torch.promote_types(dtype, torch.float32)
+        with torch.autocast(device.type, enabled=False):
+            on_grid = to_grid.apply_flat(readout_values[:, :, 0].to(final_dtype))
+            on_grid = on_grid.view(batch, self.num_components, *image_to_grid.out_shape)
+            grid_to_image = NearestMap.to_size(image_to_grid.out_shape, image_shape, device)
+            centerbias_on_grid = image_to_grid.apply(centerbias.to(final_dtype))[:, None]
+            log_cell_size = grid_to_image.cell_counts(final_dtype).log()
+            components = finalize(list(self.finalizers), on_grid, centerbias_on_grid, log_cell_size)
+            mixture = torch.logsumexp(components, dim=1, keepdim=True) - math.log(self.num_components)
+        return BlockLogDensity(mixture, grid_to_image)
+
+    def forward(
+        self, image: Tensor, centerbias: Tensor, x_hist: Tensor | None = None, y_hist: Tensor | None = None
+    ) -> Tensor:
+        """(B, 1, H, W) log density (nats) of the next fixation; arguments as in `backbone_features` and `head`."""
+        if tuple(image.shape[-2:]) != tuple(centerbias.shape[-2:]):
+            raise ValueError(
+                f"image {tuple(image.shape[-2:])} and centerbias {tuple(centerbias.shape[-2:])} sizes differ"
+            )
+        return self.head(self.backbone_features(image), centerbias, x_hist, y_hist).full()
+
+    @staticmethod
+    def _check_head_inputs(features: Tensor, centerbias: Tensor) -> None:
+        if features.dim() != 4 or features.shape[1] != FEATURE_CHANNELS:
+            raise ValueError(f"features must be (B, {FEATURE_CHANNELS}, h, w), got {tuple(features.shape)}")
+        if centerbias.dim() != 3 or centerbias.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"centerbias must be (B, H, W) with B = {features.shape[0]} (the features' batch), "
+                f"got {tuple(centerbias.shape)}"
+            )
+        if min(centerbias.shape[-2:]) < SALIENCY_MAP_FACTOR:
+            raise ValueError(f"image sides must be >= {SALIENCY_MAP_FACTOR}, got {tuple(centerbias.shape[-2:])}")
+
+    @staticmethod
+    def _history(
+        x_hist: Tensor | None, y_hist: Tensor | None, batch: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """The (B, 4) history coordinates; None for both means no history (all slots missing)."""
+        if x_hist is None and y_hist is None:
+            missing = torch.full((batch, HISTORY_LENGTH), float("nan"), dtype=dtype, device=device)
+            return missing, missing
+        if x_hist is None or y_hist is None:
+            raise ValueError("give both x_hist and y_hist, or neither")
+        for name, hist in (("x_hist", x_hist), ("y_hist", y_hist)):
+            if tuple(hist.shape) != (batch, HISTORY_LENGTH):
+                raise ValueError(f"{name} must be (B, {HISTORY_LENGTH}) = ({batch}, {HISTORY_LENGTH}), got {tuple(hist.shape)}")
+        return x_hist.to(dtype=dtype, device=device), y_hist.to(dtype=dtype, device=device)

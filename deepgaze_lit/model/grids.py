@@ -1,0 +1,96 @@
+"""The grids of DeepGaze III and the nearest-neighbour maps between them.
+
+Every resize in DeepGaze III is nearest-neighbour (`F.interpolate` default mode). Such a resize copies one source
+cell to each output cell, so it is fully described by one source index per output row and per output column. The
+indices are taken from `F.interpolate` itself (an index ramp is resized once per shape and cached), so they match
+PyTorch exactly at every size, odd ones included.
+
+Grids of an H x W image: backbone input `floor(H/2) x floor(W/2)` (subsampled by 2), readout grid
+`ceil(H/8) x ceil(W/8)`, finalizer grid `floor(H/4) x floor(W/4)` (centre bias subsampled by 4).
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DOWNSAMPLE = 2
+"""The image is subsampled by this factor before the backbone."""
+READOUT_FACTOR = 4
+"""The readout grid is the backbone input subsampled by this factor (rounded up)."""
+SALIENCY_MAP_FACTOR = 4
+"""The finalizer grid is the image subsampled by this factor (rounded down)."""
+
+
+def readout_shape(image_shape: tuple[int, int]) -> tuple[int, int]:
+    """Readout grid (rows, columns) of an image of `image_shape` (H, W) pixels."""
+    return tuple(math.ceil(side / DOWNSAMPLE / READOUT_FACTOR) for side in image_shape)
+
+
+@functools.lru_cache(maxsize=512)
+def _source_index(in_size: int, out_size: int | None, factor: int | None, device: torch.device) -> Tensor:
+    """(out,) int64 source index of each output cell of a 1-D nearest resize, as `F.interpolate` computes it."""
+    ramp = torch.arange(in_size, dtype=torch.float32).view(1, 1, in_size)
+    if factor is None:
+        resized = F.interpolate(ramp, size=out_size, mode="nearest")
+    else:
+        resized = F.interpolate(ramp, scale_factor=1 / factor, mode="nearest")
+    return resized.view(-1).to(dtype=torch.int64, device=device)
+
+
+@dataclass(frozen=True, eq=False)
+class NearestMap:
+    """Nearest-neighbour resize from an `in_shape` grid to an `(len(rows), len(cols))` grid.
+
+    Output cell (i, j) copies input cell (rows[i], cols[j]). `rows`, `cols`: int64 index tensors (shared by a cache:
+    never modify them in place).
+    """
+
+    rows: Tensor
+    cols: Tensor
+    in_shape: tuple[int, int]
+
+    @classmethod
+    def to_size(cls, in_shape: tuple[int, int], out_shape: tuple[int, int], device: torch.device) -> "NearestMap":
+        """The map of `F.interpolate(x, size=out_shape)`."""
+        device = torch.device(device)
+        rows = _source_index(in_shape[0], out_shape[0], None, device)
+        cols = _source_index(in_shape[1], out_shape[1], None, device)
+        return cls(rows, cols, tuple(in_shape))
+
+    @classmethod
+    def by_factor(cls, in_shape: tuple[int, int], factor: int, device: torch.device) -> "NearestMap":
+        """The map of `F.interpolate(x, scale_factor=1 / factor)`: output size floor(in / factor)."""
+        device = torch.device(device)
+        rows = _source_index(in_shape[0], None, factor, device)
+        cols = _source_index(in_shape[1], None, factor, device)
+        return cls(rows, cols, tuple(in_shape))
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        return (self.rows.numel(), self.cols.numel())
+
+    def after(self, inner: "NearestMap") -> "NearestMap":
+        """The composed map: first `inner`, then this one (whose input grid is `inner`'s output grid)."""
+        return NearestMap(inner.rows[self.rows], inner.cols[self.cols], inner.in_shape)
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Resize the last two dimensions of `x` (..., in_h, in_w) -> (..., out_h, out_w)."""
+        return x.index_select(-2, self.rows).index_select(-1, self.cols)
+
+    def flat_index(self) -> Tensor:
+        """(out_h * out_w,) index into the flattened input grid, row-major."""
+        return (self.rows[:, None] * self.in_shape[1] + self.cols[None, :]).reshape(-1)
+
+    def apply_flat(self, x: Tensor) -> Tensor:
+        """Resize a flattened grid: (..., in_h * in_w) -> (..., out_h * out_w)."""
+        return x.index_select(-1, self.flat_index())
+
+    def cell_counts(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(in_h, in_w): how many output cells copy each input cell."""
+        row_counts = torch.bincount(self.rows, minlength=self.in_shape[0]).to(dtype)
+        col_counts = torch.bincount(self.cols, minlength=self.in_shape[1]).to(dtype)
+        return row_counts[:, None] * col_counts[None, :]
