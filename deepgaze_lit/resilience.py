@@ -1,0 +1,213 @@
+"""What keeps `deepgaze fit` correct when a job is preempted, killed or diverges.
+
+- `PreemptionCheckpoint`: SIGUSR1 (SLURM's warning before a time limit, `#SBATCH --signal=SIGUSR1@90`) only sets a
+  flag; after the current training step, at the same step on every rank, the full training state goes to
+  `last.ckpt` (written atomically by the CLI's checkpoint I/O), rank 0 asks SLURM to requeue the job and the run
+  stops. It replaces Lightning's own SLURM handler, which saves `hpc_ckpt_<n>.ckpt` from inside the signal handler
+  (possibly in the middle of an optimizer step or a collective), never deletes it and prefers it on relaunch even
+  over a newer checkpoint.
+- `fit_checkpoint`: the checkpoint `fit --ckpt_path last` resumes from is the experiment's checkpoint with the
+  highest global step, so a relaunched job never rolls back past a newer checkpoint; with no checkpoint it starts
+  fresh (one command both starts and resumes a requeued job). `fit` without `--ckpt_path` into an experiment that
+  already has checkpoints is refused instead of silently overwriting them.
+- `FiniteLossGuard`: a NaN or infinite loss on any rank stops training before that step's update, naming the step;
+  no checkpoint is written after it, so `last.ckpt` keeps the last good weights.
+- `remove_partial_checkpoints`: deletes the temporary files of checkpoint writes that a killed process left behind.
+- `ignore_requeue_signal`: the loaders' `worker_init_fn`. SLURM signals every process of the job, loader workers
+  included; a worker started with the default SIGUSR1 action (spawn or forkserver start methods) would die of it
+  and take the training down before the checkpoint is written.
+"""
+
+import os
+import signal
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+CHECKPOINT_SUFFIX = ".ckpt"
+PARTIAL_SUFFIX = ".tmp"
+LAST_NAME = "last.ckpt"
+REQUEUE_SIGNAL = signal.SIGUSR1
+
+
+class ExistingRunError(Exception):
+    """`fit` without `--ckpt_path` into an experiment that already has checkpoints."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss that is NaN or infinite."""
+
+
+class Preempted(SystemExit):
+    """Training stopped after saving its state on a requeue signal (exit status 0)."""
+
+
+def checkpoint_global_step(path: Path) -> Optional[int]:
+    """The global step (optimizer steps done) stored in a Lightning checkpoint; None, with a warning, when the
+    file cannot be read as one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint["global_step"])
+    except Exception as error:  # noqa: BLE001 - any unreadable file is skipped, and said so
+        warnings.warn(f"{path} is not a readable training checkpoint ({type(error).__name__}: {error}); ignored",
+                      stacklevel=2)
+        return None
+
+
+def newest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
+    """The readable `*.ckpt` file in `checkpoint_dir` with the highest global step (`last.ckpt` first on ties,
+    then the most recently written); None when there is none."""
+    ranked = []
+    for path in sorted(Path(checkpoint_dir).glob(f"*{CHECKPOINT_SUFFIX}")):
+        step = checkpoint_global_step(path)
+        if step is not None:
+            ranked.append((step, path.name == LAST_NAME, path.stat().st_mtime, path))
+    return max(ranked)[-1] if ranked else None
+
+
+def fit_checkpoint(checkpoint_dir: Path, ckpt_path: Optional[str]) -> Optional[str]:
+    """The checkpoint `deepgaze fit` restores, given its `--ckpt_path` and the experiment's `checkpoint_dir`.
+
+    - None: a new run; raises ExistingRunError when `checkpoint_dir` already holds checkpoints of an earlier run.
+    - "last": the newest checkpoint of the experiment (`newest_checkpoint`), or None (a fresh start) when there
+      is none yet.
+    - anything else (a file): unchanged.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if ckpt_path is None:
+        existing = sorted(path.name for path in checkpoint_dir.glob(f"*{CHECKPOINT_SUFFIX}"))
+        if existing:
+            raise ExistingRunError(
+                f"{checkpoint_dir} already holds checkpoints of an earlier run ({', '.join(existing)}): resume it with "
+                "--ckpt_path last, or start a separate run with another --experiment name (or delete the folder)"
+            )
+        return None
+    if ckpt_path != "last":
+        return ckpt_path
+    newest = newest_checkpoint(checkpoint_dir)
+    if newest is None:
+        rank_zero_info(f"--ckpt_path last: no checkpoint in {checkpoint_dir} yet, starting a new run")
+        return None
+    rank_zero_info(f"--ckpt_path last: resuming from {newest} (global step {checkpoint_global_step(newest)}, "
+                   "the newest checkpoint of the experiment)")
+    return str(newest)
+
+
+def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Delete the `*.ckpt.tmp` files (checkpoint writes interrupted by a kill) in `checkpoint_dir`; the removed
+    paths."""
+    removed = []
+    for path in Path(checkpoint_dir).glob(f"*{CHECKPOINT_SUFFIX}{PARTIAL_SUFFIX}"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def slurm_job_id() -> Optional[str]:
+    """The id `scontrol requeue` takes for this job (`<array job>_<task>` for array jobs); None outside SLURM."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job() -> str:
+    """Ask SLURM to requeue this job; a sentence saying what happened."""
+    job_id = slurm_job_id()
+    if job_id is None:
+        return "not a SLURM job, nothing requeued: resume with --ckpt_path last"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"`scontrol requeue {job_id}` failed ({error}): resubmit the job (it resumes with --ckpt_path last)"
+    if result.returncode != 0:
+        return (f"`scontrol requeue {job_id}` failed with status {result.returncode} ({result.stderr.strip()}): "
+                "resubmit the job (it resumes with --ckpt_path last)")
+    return f"SLURM job {job_id} requeued"
+
+
+def ignore_requeue_signal(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker ignores SIGUSR1 (the training process handles it)."""
+    signal.signal(REQUEUE_SIGNAL, signal.SIG_IGN)
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGUSR1: save the training state to `checkpoint_path` after the current step, requeue, stop.
+
+    The signal handler only records the signal. After every training step all ranks agree (one all-reduce of a
+    flag) whether any of them received it; if so, all ranks save together, rank 0 runs `scontrol requeue` (under
+    SLURM) and every rank exits with `Preempted` (status 0). The checkpoint is a normal mid-epoch checkpoint:
+    the training loader's position is part of it, so the relaunched job continues with the next batch.
+
+    The handler is installed in `setup`, before Lightning installs its own SLURM handlers (which then leaves
+    SIGUSR1 alone), and the previous handler is restored in `teardown`.
+
+    Args:
+        checkpoint_path: where the state goes; the experiment's `last.ckpt`, which `--ckpt_path last` resumes.
+    """
+
+    def __init__(self, checkpoint_path: str) -> None:
+        self.checkpoint_path = Path(checkpoint_path)
+        self.received = False
+        self._previous_handler: Any = None
+
+    def _record_signal(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(REQUEUE_SIGNAL, self._record_signal)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(REQUEUE_SIGNAL, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        trainer.save_checkpoint(self.checkpoint_path)
+        if trainer.is_global_zero:
+            outcome = requeue_slurm_job()
+            print(f"deepgaze: {signal.Signals(REQUEUE_SIGNAL).name} received: training state at global step "
+                  f"{trainer.global_step} saved to {self.checkpoint_path}; {outcome}", flush=True)
+        raise Preempted(0)
+
+
+class FiniteLossGuard(Callback):
+    """Stops training with NonFiniteLossError at the first step whose loss is NaN or infinite on any rank.
+
+    Checked before the backward pass (one all-reduce of a flag per step under DDP), so the step's update never
+    happens, every rank stops at the same step, and no checkpoint with the diverged state is written.
+
+    Args:
+        checkpoint_path: the checkpoint that keeps the last good state, named in the error message.
+    """
+
+    def __init__(self, checkpoint_path: str) -> None:
+        self.checkpoint_path = Path(checkpoint_path)
+        self._batch_idx = 0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        local_finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(local_finite, all=True):
+            return
+        where = f"is {float(loss.detach().float().sum())}" if not local_finite else "is not finite on another rank"
+        saved = (f"{self.checkpoint_path} (global step {checkpoint_global_step(self.checkpoint_path)})"
+                 if self.checkpoint_path.is_file() else "no checkpoint (none was written before this step)")
+        raise NonFiniteLossError(
+            f"the training loss {where} at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch "
+            f"{self._batch_idx}): training stopped before this step's update. The last good state is {saved}; "
+            "lower the learning rate or check the data, then resume with --ckpt_path last"
+        )

@@ -1,0 +1,120 @@
+"""Which checkpoint `fit` resumes from, the refusal to reuse an experiment without `--ckpt_path`, partial-file
+cleanup, and the preemption and non-finite-loss callbacks on a toy model in one process (fast)."""
+
+import os
+import signal
+import time
+
+import lightning as L
+import pytest
+import torch
+
+from deepgaze_lit.resilience import (ExistingRunError, FiniteLossGuard, NonFiniteLossError, Preempted,
+                                     PreemptionCheckpoint, fit_checkpoint, newest_checkpoint,
+                                     remove_partial_checkpoints, slurm_job_id)
+
+
+def write_checkpoint(path, global_step, mtime=None):
+    torch.save({"global_step": global_step, "state_dict": {}}, path)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+def test_last_resolves_to_the_checkpoint_with_the_highest_global_step(tmp_path):
+    now = time.time()
+    write_checkpoint(tmp_path / "last.ckpt", 40, now)
+    write_checkpoint(tmp_path / "best.ckpt", 50, now - 100)  # written after last.ckpt's kill
+    write_checkpoint(tmp_path / "epoch004.ckpt", 30, now + 100)  # recent file, older state
+    (tmp_path / "last.ckpt.tmp").write_bytes(b"partial")
+    assert fit_checkpoint(tmp_path, "last") == str(tmp_path / "best.ckpt")
+    write_checkpoint(tmp_path / "last.ckpt", 50, now - 200)
+    assert newest_checkpoint(tmp_path) == tmp_path / "last.ckpt", "ties go to last.ckpt"
+
+
+def test_unreadable_checkpoints_are_skipped_with_a_warning(tmp_path):
+    write_checkpoint(tmp_path / "best.ckpt", 7)
+    (tmp_path / "last.ckpt").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="last.ckpt is not a readable training checkpoint"):
+        assert newest_checkpoint(tmp_path) == tmp_path / "best.ckpt"
+
+
+def test_last_without_checkpoints_starts_fresh_and_explicit_paths_pass_through(tmp_path):
+    assert fit_checkpoint(tmp_path / "missing", "last") is None
+    assert fit_checkpoint(tmp_path, None) is None
+    assert fit_checkpoint(tmp_path, "some/run.ckpt") == "some/run.ckpt"
+
+
+def test_a_new_run_into_an_experiment_with_checkpoints_is_refused(tmp_path):
+    write_checkpoint(tmp_path / "last.ckpt", 3)
+    with pytest.raises(ExistingRunError, match=r"already holds checkpoints of an earlier run \(last.ckpt\): resume"):
+        fit_checkpoint(tmp_path, None)
+
+
+def test_partial_checkpoint_files_are_removed(tmp_path):
+    write_checkpoint(tmp_path / "last.ckpt", 3)
+    (tmp_path / "last.ckpt.tmp").write_bytes(b"partial")
+    assert remove_partial_checkpoints(tmp_path) == [tmp_path / "last.ckpt.tmp"]
+    assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_slurm_job_id_of_array_and_plain_jobs(monkeypatch):
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert slurm_job_id() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    assert slurm_job_id() == "1234"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert slurm_job_id() == "1200_3"
+
+
+class ToyModule(L.LightningModule):
+    """A linear regression whose step `signal_step` sends SIGUSR1 and whose loss at `nan_step` is NaN."""
+
+    def __init__(self, signal_step=None, nan_step=None):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.signal_step = signal_step
+        self.nan_step = nan_step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.signal_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        loss = self.layer(batch[0]).square().mean()
+        return loss * float("nan") if self.global_step == self.nan_step else loss
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 2)), batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def toy_trainer(tmp_path, callback):
+    return L.Trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[callback], logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_sigusr1_saves_after_the_step_and_stops(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    handler_before = signal.getsignal(signal.SIGUSR1)
+    callback = PreemptionCheckpoint(str(tmp_path / "last.ckpt"))
+    toy_trainer(tmp_path, callback).fit(ToyModule())
+    assert signal.getsignal(signal.SIGUSR1) == handler_before, "a finished fit restores the previous handler"
+    assert not (tmp_path / "last.ckpt").exists()
+    with pytest.raises(Preempted) as stopped:
+        toy_trainer(tmp_path, callback).fit(ToyModule(signal_step=5))
+    assert stopped.value.code == 0
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 6 and saved["epoch"] == 1
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2
+    signal.signal(signal.SIGUSR1, handler_before)
+
+
+def test_nan_loss_stops_before_the_update_naming_the_step(tmp_path):
+    module = ToyModule(nan_step=5)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at global step 5 \(epoch 1, batch 1\)"):
+        toy_trainer(tmp_path, FiniteLossGuard(str(tmp_path / "last.ckpt"))).fit(module)
+    assert module.global_step == 5
+    assert all(torch.isfinite(parameter).all() for parameter in module.parameters())
