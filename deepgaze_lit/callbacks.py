@@ -41,19 +41,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def experiment_checkpoints(dirpath: Path, monitor: str = "val/loss") -> list[ModelCheckpoint]:
     """The three checkpoint callbacks of an experiment, all writing to `dirpath`: best by `monitor` (lower is
-    better), every 5 epochs (all kept) and last (every epoch). `last` comes last so that it stores the other two
-    callbacks' state after their own update of the same epoch."""
-    best = ModelCheckpoint(
-        dirpath=dirpath, filename="best", monitor=monitor, mode="min", save_top_k=1, auto_insert_metric_name=False
-    )
+    better), every 5 epochs (all kept) and last (every epoch). File names are fixed (no `-v1` versions): a resumed
+    or moved experiment overwrites its own files. `last` comes last so that it stores the other two callbacks'
+    state after their own update of the same epoch."""
+    common = {"dirpath": dirpath, "auto_insert_metric_name": False, "enable_version_counter": False}
+    best = ModelCheckpoint(filename="best", monitor=monitor, mode="min", save_top_k=1, **common)
     periodic = ModelCheckpoint(
-        dirpath=dirpath,
-        filename="epoch{epoch:03d}",
-        every_n_epochs=PERIODIC_CHECKPOINT_EPOCHS,
-        save_top_k=-1,
-        auto_insert_metric_name=False,
+        filename="epoch{epoch:03d}", every_n_epochs=PERIODIC_CHECKPOINT_EPOCHS, save_top_k=-1, **common
     )
-    last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1)
+    last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
     return [best, periodic, last]
 
 

@@ -16,6 +16,7 @@ Entropy regularisation (off unless `entropy_weight` > 0): loss = NLL - entropy_w
 """
 
 import math
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
@@ -25,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from deepgaze_lit.feature_cache import BackboneFingerprint, FeatureCache, compute_signature, feature_namespace
 from deepgaze_lit.metrics.accumulator import SaliencyMetrics, information_gain_bits
 from deepgaze_lit.metrics.report import write_report
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
@@ -91,8 +93,10 @@ class DeepGazeModule(L.LightningModule):
             fold k of the release on its own held-out fold); requires num_components 1.
         optimizer, lr_scheduler: chosen in YAML (`class_path` + `init_args`); the scheduler steps once per epoch.
         entropy_weight, entropy_mode, entropy_every, entropy_normalise: the entropy regulariser (module docstring).
-        cache_features: keep each image's backbone features (deterministic: the backbone is frozen) on the device
-            after their first computation, per split; worth it when all features fit in memory.
+        feature_cache_mb: memory budget (MiB) of the backbone feature cache (`deepgaze_lit.feature_cache`): the
+            backbone is frozen, so each image's features are computed once and reused by later epochs; 0 = off.
+        feature_cache_dir, feature_cache_disk_mb: optional disk tier of that cache (folder and budget in MiB),
+            reused across runs on the same data.
         gold_kernel_size: standard deviation (pixels of the evaluated images) of the Gaussian that turns the
             fixations into the gold-standard map for CC, KLDiv and SIM; None leaves these metrics out.
     """
@@ -110,7 +114,9 @@ class DeepGazeModule(L.LightningModule):
         entropy_mode: Literal["bias_map", "prediction"] = "bias_map",
         entropy_every: int = 50,
         entropy_normalise: bool = False,
-        cache_features: bool = False,
+        feature_cache_mb: float = 0.0,
+        feature_cache_dir: Optional[str] = None,
+        feature_cache_disk_mb: float = 0.0,
         gold_kernel_size: Optional[float] = None,
     ) -> None:
         super().__init__()
@@ -129,7 +135,11 @@ class DeepGazeModule(L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.eval_loss = MeanMetric()
         self.evaluation_metrics: Optional[torch.nn.ModuleDict] = None
-        self._feature_cache: dict[str, dict[int, torch.Tensor]] = {}
+        self.feature_cache = None
+        if feature_cache_mb > 0 or feature_cache_dir is not None:
+            self.feature_cache = FeatureCache(feature_cache_mb, feature_cache_dir, feature_cache_disk_mb)
+        self._backbone_fingerprint = BackboneFingerprint(self.model.features)
+        self._data_fingerprints: dict[str, str] = {}
         self._true_log_densities: Optional[list] = None
 
     def _initialise_from(self, path: str, component: Optional[int]) -> None:
@@ -173,28 +183,30 @@ class DeepGazeModule(L.LightningModule):
 
     # ---- forward pieces -------------------------------------------------------------------------------------
 
-    def _features(self, batch: dict, split: str) -> torch.Tensor:
-        """Backbone features (B,2048,h,w) of the batch's images, from the cache when enabled."""
-        if not self.hparams.cache_features:
-            return self.model.backbone_features(batch["image"])
-        cache = self._feature_cache.setdefault(split, {})
-        indices = batch["image_index"].tolist()
-        missing = [position for position, index in enumerate(indices) if index not in cache]
-        if missing:
-            computed = self.model.backbone_features(batch["image"][missing])
-            for position, features in zip(missing, computed):
-                cache[indices[position]] = features
-        return torch.stack([cache[index] for index in indices])
+    def _features(self, batch: dict, stage: str) -> torch.Tensor:
+        """Backbone features (B,2048,h,w) of the batch's images of the datamodule's `stage` split, from the
+        feature cache when it is on."""
+        images = batch["image"]
+        if self.feature_cache is None:
+            return self.model.backbone_features(images)
+        if stage not in self._data_fingerprints:
+            self._data_fingerprints[stage] = self.trainer.datamodule.data_fingerprint(stage)
+        namespace = feature_namespace(
+            self._data_fingerprints[stage], self._backbone_fingerprint(), compute_signature(images)
+        )
+        return self.feature_cache.get_or_compute(
+            stage, namespace, batch["image_index"], images, self.model.backbone_features
+        )
 
-    def _block_log_density(self, batch: dict, split: str) -> BlockLogDensity:
-        features = self._features(batch, split)
+    def _block_log_density(self, batch: dict, stage: str) -> BlockLogDensity:
+        features = self._features(batch, stage)
         return self.model.head(features, batch["centerbias"], batch["x_hist"], batch["y_hist"])
 
     # ---- training -------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         batch_size = batch["image"].shape[0]
-        block = self._block_log_density(batch, "train")
+        block = self._block_log_density(batch, "fit")
         ll_bits, counts = fixation_log_likelihood_bits(
             block, batch["fix_batch"], batch["fix_x"], batch["fix_y"], batch_size
         )
@@ -257,9 +269,9 @@ class DeepGazeModule(L.LightningModule):
         elif stage == "test":
             self._prepare_evaluation("test")
 
-    def _prepare_evaluation(self, split: str) -> None:
-        """Accumulators for the split: the model, the centre bias and (synthetic data) the true density."""
-        dataset = self.trainer.datamodule.split_dataset(split)
+    def _prepare_evaluation(self, stage: str) -> None:
+        """Accumulators for the stage's split: the model, the centre bias and (synthetic data) the true density."""
+        dataset = self.trainer.datamodule.split_dataset(stage)
         pool = ShufflePool(dataset.x[dataset.is_target], dataset.y[dataset.is_target], dataset.n[dataset.is_target],
                            dataset.shapes)
         sources = ["model", "centerbias"]
@@ -274,14 +286,14 @@ class DeepGazeModule(L.LightningModule):
         ).to(self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._evaluation_step(batch, "val")
+        return self._evaluation_step(batch, "validate")
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._evaluation_step(batch, "test")
 
-    def _evaluation_step(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
+    def _evaluation_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
         batch_size = batch["image"].shape[0]
-        block = self._block_log_density(batch, split)
+        block = self._block_log_density(batch, stage)
         ll_bits, counts = fixation_log_likelihood_bits(
             block, batch["fix_batch"], batch["fix_x"], batch["fix_y"], batch_size
         )
@@ -298,6 +310,11 @@ class DeepGazeModule(L.LightningModule):
             self.evaluation_metrics["gold"].update(true_log_density, *fixations)
         return {"log_density": log_density}
 
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Log density (B,1,H,W) in nats of a predict batch (image, centerbias, dummy history), at the network
+        input size; `PredictionWriter` writes it."""
+        return self.model(batch["image"], batch["centerbias"], batch["x_hist"], batch["y_hist"]).float()
+
     def on_validation_epoch_end(self) -> None:
         self._finish_evaluation("val")
 
@@ -305,7 +322,8 @@ class DeepGazeModule(L.LightningModule):
         self._finish_evaluation("test")
 
     def _finish_evaluation(self, split: str) -> None:
-        """Log `<split>/loss` and the metrics; after `deepgaze validate|test`, write the report."""
+        """Log `<split>/loss` and the metrics; after `deepgaze validate|test` (not during fit), write the report
+        into the logger's run folder and print its table."""
         results = {source: metrics.compute() for source, metrics in self.evaluation_metrics.items()}
         loss = self.eval_loss.compute()
         for metrics in self.evaluation_metrics.values():
@@ -314,8 +332,10 @@ class DeepGazeModule(L.LightningModule):
         scalars = evaluation_scalars(results, float(loss))
         for name, value in scalars.items():
             self.log(f"{split}/{name}", value, prog_bar=name in ("loss", "ig"))
-        if not self.trainer.sanity_checking and self.trainer.state.fn != TrainerFn.FITTING and self.trainer.is_global_zero:
+        if self.trainer.state.fn != TrainerFn.FITTING and self.loggers and self.trainer.is_global_zero:
             write_report(self.trainer.log_dir, results["model"], results["centerbias"], results.get("gold"))
+            rank_zero_info(f"{split} report written to {self.trainer.log_dir}/metrics.json and metrics.txt:\n"
+                           + (Path(self.trainer.log_dir) / "metrics.txt").read_text())
 
 
 def evaluation_scalars(results: dict[str, dict[str, float]], loss: float) -> dict[str, float]:

@@ -1,0 +1,99 @@
+"""Shared fixtures of the application tests: a tiny synthetic experiment trained once per test session."""
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deepgaze_lit.cli import main
+
+TINY_EPOCHS = 5
+TINY_TRAIN_IMAGES = 8
+TINY_BATCH_SIZE = 4
+
+
+def tiny_config(**overrides) -> dict:
+    """`deepgaze` config of a tiny synthetic experiment on CPU: 12 images of 128x192 pixels (8 train / 4 val),
+    a 2-component scanpath model on a random frozen backbone, 5 epochs of 2 steps."""
+    config = {
+        "seed_everything": 42,
+        "experiment": "tiny",
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": 32,
+            "max_epochs": TINY_EPOCHS,
+            "deterministic": True,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {
+            "num_components": 2,
+            "scanpath": True,
+            "backbone_weights": "none",
+            "feature_cache_mb": 64,
+            "gold_kernel_size": 6.0,
+            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.02}},
+        },
+        "data": {
+            "source": "synthetic",
+            "synthetic_images": 12,
+            "synthetic_sizes": [[128, 192]],
+            "val_images": 4,
+            "batch_size": TINY_BATCH_SIZE,
+            "image_cache_mb": 0,
+        },
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            config[section].update(values)
+        else:
+            config[section] = values
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(args: list[str], cwd: Path) -> str:
+    """Run `deepgaze <args>` in-process with `cwd` as working directory; returns what it printed to stdout."""
+    printed = io.StringIO()
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(printed):
+            main(args)
+    finally:
+        os.chdir(previous)
+    return printed.getvalue()
+
+
+@dataclass
+class TrainedExperiment:
+    root: Path  # working directory of the run: experiments/tiny/ lies below it
+    config: Path
+    stdout: str
+
+    @property
+    def directory(self) -> Path:
+        return self.root / "experiments" / "tiny"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.directory / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def trained_experiment(tmp_path_factory) -> TrainedExperiment:
+    """`deepgaze fit` of the tiny config, run once; tests must not write into its experiment folder."""
+    root = tmp_path_factory.mktemp("trained")
+    config = write_config(root / "tiny.yaml", tiny_config())
+    stdout = run_cli(["fit", "--config", str(config)], root)
+    return TrainedExperiment(root, config, stdout)

@@ -1,0 +1,169 @@
+"""`deepgaze` end to end on CPU: fit writes the experiment's checkpoints and TensorBoard logs and learns;
+validate/test report; resume; every shipped config parses; user errors are one clear line."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY_BATCH_SIZE, TINY_EPOCHS, TINY_TRAIN_IMAGES, run_cli, tiny_config, write_config
+from deepgaze_lit.cli import main
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIGS = sorted((REPOSITORY / "configs").glob("*.yaml"))
+STEPS_PER_EPOCH = TINY_TRAIN_IMAGES // TINY_BATCH_SIZE
+
+
+def events(log_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_fit_writes_best_last_and_every_fifth_epoch_checkpoints(trained_experiment):
+    names = sorted(path.name for path in trained_experiment.checkpoints.iterdir())
+    assert names == ["best.ckpt", "epoch004.ckpt", "last.ckpt"]
+    last = torch.load(trained_experiment.checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == TINY_EPOCHS - 1
+    assert last["global_step"] == TINY_EPOCHS * STEPS_PER_EPOCH
+    assert last["hyper_parameters"]["num_components"] == 2
+
+
+def test_fit_logs_scalars_and_a_validation_panel_every_epoch(trained_experiment):
+    log_dir = trained_experiment.directory / "logs" / "version_0"
+    accumulator = events(log_dir)
+    scalars = set(accumulator.Tags()["scalars"])
+    expected = {
+        "train/loss_step", "train/loss_epoch", "train/nll_epoch", "val/loss", "val/ll", "val/ig", "val/nss",
+        "val/auc", "val/sauc", "val/centerbias_ll", "val/gold_ig", "val/ig_explained", "lr-Adam",
+        "finalizer/sigma", "finalizer/center_bias_weight",
+    }
+    assert expected <= scalars
+    panels = accumulator.Images("val/prediction")
+    assert len(panels) == TINY_EPOCHS
+    assert panels[0].height == 192 and panels[0].width > 192
+    assert [event.value for event in accumulator.Scalars("lr-Adam")] == pytest.approx([0.02] * TINY_EPOCHS)
+
+
+def test_fit_lowers_the_loss_and_ends_with_the_information_gain_line(trained_experiment):
+    accumulator = events(trained_experiment.directory / "logs" / "version_0")
+    losses = [event.value for event in accumulator.Scalars("train/loss_epoch")]
+    assert len(losses) == TINY_EPOCHS
+    assert losses[-1] < losses[0] - 0.05
+    line = trained_experiment.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(
+        r"validation IG over centre bias: (-?\d+\.\d+) bit/fix \((-?\d+\.\d+)% of the gold standard (\d+\.\d+) bit/fix\)",
+        line,
+    )
+    assert match, line
+    val_ig = [event.value for event in accumulator.Scalars("val/ig")][-1]
+    assert float(match.group(1)) == pytest.approx(val_ig, abs=1e-4)
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_and_test_from_the_checkpoint_write_a_report(trained_experiment, tmp_path, subcommand):
+    checkpoint = trained_experiment.checkpoints / "best.ckpt"
+    stdout = run_cli(
+        [subcommand, "--config", str(trained_experiment.config), "--ckpt_path", str(checkpoint),
+         "--experiment", f"tiny-{subcommand}"],
+        tmp_path,
+    )
+    del stdout
+    run_dir = tmp_path / "experiments" / f"tiny-{subcommand}" / "logs" / "version_0"
+    report = json.loads((run_dir / "metrics.json").read_text())
+    assert set(report) == {"model", "centerbias", "gold", "explained_information_gain"}
+    assert report["model"]["n_images"] == 4 and report["gold"]["ig_centerbias_bits_image"] > 0
+    assert "centre bias" in (run_dir / "metrics.txt").read_text()
+    scalars = set(events(run_dir).Tags()["scalars"])
+    prefix = "val" if subcommand == "validate" else "test"
+    assert {f"{prefix}/loss", f"{prefix}/ig", f"{prefix}/nss", f"{prefix}/auc", f"{prefix}/gold_ig"} <= scalars
+
+
+def test_validate_named_best_checkpoint_of_the_experiment(trained_experiment, tmp_path):
+    shutil.copytree(trained_experiment.directory / "checkpoints", tmp_path / "experiments" / "tiny" / "checkpoints")
+    run_cli(["validate", "--config", str(trained_experiment.config), "--ckpt_path", "best"], tmp_path)
+    assert (tmp_path / "experiments" / "tiny" / "logs" / "version_0" / "metrics.json").is_file()
+
+
+def test_fit_resumes_from_last(trained_experiment, tmp_path):
+    shutil.copytree(trained_experiment.directory / "checkpoints", tmp_path / "experiments" / "tiny" / "checkpoints")
+    run_cli(["fit", "--config", str(trained_experiment.config), "--ckpt_path", "last",
+             "--trainer.max_epochs", str(TINY_EPOCHS + 1)], tmp_path)
+    last = torch.load(tmp_path / "experiments" / "tiny" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)
+    assert last["epoch"] == TINY_EPOCHS
+    assert last["global_step"] == (TINY_EPOCHS + 1) * STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=[path.name for path in SHIPPED_CONFIGS])
+def test_every_shipped_config_passes_print_config(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert f"experiment: {config.stem}" in printed
+    assert "use_distributed_sampler: false" in printed
+
+
+def test_use_distributed_sampler_defaults_to_false_without_a_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--print_config"])
+    assert "use_distributed_sampler: false" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--model.no_such_option", "1"], "no_such_option"),
+        (["--model.num_components", "many"], "num_components"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_with_the_parser_message(arguments, message, capsys):
+    quickstart = REPOSITORY / "configs" / "quickstart.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(quickstart), *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_config_without_gpu_says_how_to_run_on_cpu(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPOSITORY / "configs" / "baseline.yaml")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (
+        "deepgaze: error: no GPU found: run with --trainer.accelerator cpu --trainer.precision 32 "
+        "--trainer.devices 1 --trainer.strategy auto"
+    )
+
+
+def test_missing_data_directory_is_one_line(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_config(data={"source": "pysaliency", "path": str(tmp_path / "nope")}))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(config)], tmp_path)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("deepgaze: error: ") and "nope" in error
+
+
+def test_released_weights_given_as_ckpt_path_point_to_init_from(tmp_path, capsys):
+    weights = tmp_path / "deepgaze3.pth"
+    torch.save({"finalizers.0.center_bias_weight": torch.ones(1)}, weights)
+    config = write_config(tmp_path / "c.yaml", tiny_config())
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["validate", "--config", str(config), "--ckpt_path", str(weights)], tmp_path)
+    assert exit_info.value.code == 2
+    assert f"--model.init_from {weights}" in capsys.readouterr().err
+
+
+def test_missing_named_checkpoint_is_one_line(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_config())
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["validate", "--config", str(config), "--ckpt_path", "best"], tmp_path)
+    assert exit_info.value.code == 2
+    assert "no best checkpoint of experiment 'tiny'" in capsys.readouterr().err
