@@ -136,7 +136,7 @@ class DeepGazeIII(nn.Module):
             raise ValueError(f"image must be (B, 3, H, W) RGB or (B, 1, H, W) greyscale, got {tuple(image.shape)}")
         height, width = image.shape[-2:]
         check_image_side(height, width)
-        channels_last = image.dim() == 4 and image.is_contiguous(memory_format=torch.channels_last)
+        channels_last = image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
         subsampled = NearestMap.by_factor((height, width), DOWNSAMPLE, image.device).apply(image)
         subsampled = subsampled.expand(-1, 3, -1, -1)
         dtype = self.features.features[0].mean.dtype
