@@ -11,6 +11,9 @@
 - validation: the whole validation loop (its loader, network and metrics);
 - other: the rest of the epoch (logging, checkpoint writing, epoch hooks).
 On a GPU every boundary synchronises the device, so the split is honest (and the run slightly slower).
+
+Peak RSS never decreases, so it is also read at the start of fit (data set up, model built), at the end of each
+epoch's training steps and at the end of its validation: the growth between marks says which part set the peak.
 """
 
 from __future__ import annotations
@@ -35,11 +38,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def children_peak_rss_mb() -> float:
-    """Largest peak resident memory (MiB) of any finished child process (e.g. DataLoader workers)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 def cuda_peak_mb() -> Optional[float]:
     """`torch.cuda.max_memory_allocated` in MiB, or None without CUDA."""
     if not torch.cuda.is_available():
@@ -58,6 +56,7 @@ class StageTimer(Callback):
     def __init__(self, output: str):
         self.output = Path(output)
         self.epochs: list[dict[str, Any]] = []
+        self.setup_rss_mb = 0.0
         self._current: dict[str, Any] = {}
         self._mark = 0.0
         self._step_start = 0.0
@@ -87,6 +86,7 @@ class StageTimer(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._device = pl_module.device
+        self.setup_rss_mb = peak_rss_mb()
         network = pl_module.model
         network.backbone_features = self._timed_backbone(network.backbone_features)
         if self._device.type == "cuda":
@@ -117,6 +117,8 @@ class StageTimer(Callback):
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._validation_start = self._now()
+        if self._current:
+            self._current["train_rss_mb"] = peak_rss_mb()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not self._current:
@@ -129,6 +131,8 @@ class StageTimer(Callback):
         measured = sum(self._current[phase] for phase in PHASES if phase != "other")
         self._current["other"] = total - measured
         self._current["total"] = total
+        self._current.setdefault("train_rss_mb", peak_rss_mb())
+        self._current["end_rss_mb"] = peak_rss_mb()
         cache = getattr(pl_module, "feature_cache", None)
         if cache is not None:
             self._current["cache"] = dict(vars(cache.stats))
@@ -138,7 +142,8 @@ class StageTimer(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        result = {"epochs": self.epochs, "peak_rss_mb": peak_rss_mb(), "cuda_peak_mb": cuda_peak_mb()}
+        result = {"epochs": self.epochs, "setup_rss_mb": self.setup_rss_mb, "peak_rss_mb": peak_rss_mb(),
+                  "cuda_peak_mb": cuda_peak_mb()}
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.output.write_text(json.dumps(result, indent=1) + "\n")
 

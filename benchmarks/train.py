@@ -131,6 +131,9 @@ def report(args, results: dict[str, dict]) -> str:
             if run.startswith("mit1003"):
                 notes.append(f"{run} epoch {epoch['epoch']}: {extrapolated(epoch, args.mit_val_images):.0f} s "
                              f"per epoch at MIT1003 size ({MIT1003_TRAIN_IMAGES} train, {MIT1003_VAL_IMAGES} val images)")
+        marks = ", ".join(f"epoch {epoch['epoch']} training {epoch['train_rss_mb']:.0f}, after validation "
+                          f"{epoch['end_rss_mb']:.0f}" for epoch in result["epochs"])
+        notes.append(f"{run}: peak RSS MB at fit start {result['setup_rss_mb']:.0f}, {marks}")
         if len(result["epochs"]) > 1:
             first, last = result["epochs"][0]["total"], result["epochs"][-1]["total"]
             notes.append(f"{run}: last epoch / first epoch = {last / first:.3f}")
