@@ -315,6 +315,19 @@ class DeepGazeModule(L.LightningModule):
         input size; `PredictionWriter` writes it."""
         return self.model(batch["image"], batch["centerbias"], batch["x_hist"], batch["y_hist"]).float()
 
+    def on_validation_epoch_start(self) -> None:
+        self._reset_evaluation()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_evaluation()
+
+    def _reset_evaluation(self) -> None:
+        """Zero the accumulators at the START of an evaluation, under that evaluation's grad mode: states zeroed
+        under `deepgaze validate`'s inference mode could not be updated later by fit's validation."""
+        self.eval_loss.reset()
+        for metrics in self.evaluation_metrics.values():
+            metrics.reset()
+
     def on_validation_epoch_end(self) -> None:
         self._finish_evaluation("val")
 
@@ -326,9 +339,6 @@ class DeepGazeModule(L.LightningModule):
         into the logger's run folder and print its table."""
         results = {source: metrics.compute() for source, metrics in self.evaluation_metrics.items()}
         loss = self.eval_loss.compute()
-        for metrics in self.evaluation_metrics.values():
-            metrics.reset()
-        self.eval_loss.reset()
         scalars = evaluation_scalars(results, float(loss))
         for name, value in scalars.items():
             self.log(f"{split}/{name}", value, prog_bar=name in ("loss", "ig"))

@@ -167,3 +167,45 @@ def test_checkpoint_of_another_architecture_is_refused_in_one_sentence():
                   "hyper_parameters": {"num_components": 2, "scanpath": False}}
     with pytest.raises(CheckpointMismatchError, match="different architecture.*num_components=2"):
         module.on_load_checkpoint(checkpoint)
+
+
+def test_validate_then_fit_then_test_in_one_process():
+    """Evaluation states are zeroed when an evaluation starts, so `validate` (inference mode) before `fit`
+    (validation under no_grad) works."""
+    from deepgaze_lit.data.datamodule import SaliencyDataModule
+
+    data = SaliencyDataModule(synthetic_images=6, synthetic_sizes=[[64, 64]], val_images=2, batch_size=2,
+                              image_cache_mb=0)
+    module = DeepGazeModule(num_components=1, scanpath=False, backbone_weights="none")
+    options = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    validated = L.Trainer(**options).validate(module, datamodule=data)[0]
+    trainer = L.Trainer(**options)
+    trainer.fit(module, datamodule=data)
+    tested = trainer.test(module, datamodule=data)[0]
+    assert set(validated) >= {"val/loss", "val/ig", "val/gold_ig"} and "test/ig" in tested
+    assert tested["test/ll"] == pytest.approx(-tested["test/loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_validation_metrics_on_two_processes_equal_one_process():
+    """5 validation images split unevenly over 2 gloo processes (ddp_spawn): loss and metrics are the same as
+    in one process, because every accumulator sums and reduces by summation."""
+    from deepgaze_lit.data.datamodule import SaliencyDataModule
+
+    def validate(devices: int) -> dict:
+        L.seed_everything(0)
+        data = SaliencyDataModule(synthetic_images=8, synthetic_sizes=[[64, 64]], val_images=5, batch_size=2,
+                                  image_cache_mb=0)
+        module = DeepGazeModule(num_components=1, scanpath=False, backbone_weights="none")
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, use_distributed_sampler=False)
+        trainer.validate(module, datamodule=data)
+        return {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+    single, double = validate(1), validate(2)
+    assert set(single) == set(double) and "val/sauc" in single
+    for name, value in single.items():
+        assert double[name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
