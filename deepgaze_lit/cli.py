@@ -106,8 +106,11 @@ class DeepGazeCLI(LightningCLI):
             if not Path(ckpt_path).is_file():
                 raise UsageError(f"checkpoint {ckpt_path} does not exist")
             require_training_checkpoint(Path(ckpt_path))
-        # The checkpoint supplies every weight: starting weights (init_from) must not be needed to rebuild the model.
+        # The checkpoint supplies every weight, the frozen backbone's included: rebuilding the model must not need
+        # the starting weights (init_from), nor, outside a resumed fit, the ImageNet file.
         config.model.init_from = None
+        if self.subcommand != "fit":
+            config.model.backbone_weights = "none"
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer")

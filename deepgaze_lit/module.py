@@ -350,7 +350,8 @@ class DeepGazeModule(L.LightningModule):
 
 def evaluation_scalars(results: dict[str, dict[str, float]], loss: float) -> dict[str, float]:
     """Scalars logged after an evaluation, all averaged over images as the loss is: loss and LL (IG over
-    uniform) in bit/fix, IG over the centre bias in bit/fix, NSS, AUC, sAUC; the centre bias's own LL, NSS, AUC;
+    uniform) in bit/fix, IG over the centre bias in bit/fix, NSS, AUC, sAUC (and CC, KLDiv, MIT KLDiv, SIM with a
+    gold kernel); the centre bias's own LL, NSS, AUC;
     with a true density, its IG over the centre bias (`gold_ig`) and the share the model reaches (`ig_explained`)."""
     model, centerbias = results["model"], results["centerbias"]
     scalars = {
@@ -364,6 +365,9 @@ def evaluation_scalars(results: dict[str, dict[str, float]], loss: float) -> dic
         "centerbias_nss": centerbias["nss_image"],
         "centerbias_auc": centerbias["auc_image"],
     }
+    for name in ("cc", "kldiv", "mit_kldiv", "sim"):
+        if f"{name}_image" in model:
+            scalars[name] = model[f"{name}_image"]
     if "gold" in results:
         scalars["gold_ig"] = information_gain_bits(results["gold"], centerbias)["ig_bits_image"]
         scalars["ig_explained"] = scalars["ig"] / scalars["gold_ig"]

@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import TINY_BATCH_SIZE, TINY_EPOCHS, TINY_TRAIN_IMAGES, run_cli, tiny_config, write_config
 from deepgaze_lit.cli import main
+from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIGS = sorted((REPOSITORY / "configs").glob("*.yaml"))
@@ -62,6 +63,17 @@ def test_fit_lowers_the_loss_and_ends_with_the_information_gain_line(trained_exp
     assert match, line
     val_ig = [event.value for event in accumulator.Scalars("val/ig")][-1]
     assert float(match.group(1)) == pytest.approx(val_ig, abs=1e-4)
+
+
+def test_checkpoint_loads_with_load_from_checkpoint_and_refuses_another_architecture(trained_experiment):
+    checkpoint = trained_experiment.checkpoints / "best.ckpt"
+    module = DeepGazeModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    assert module.model.num_components == 2
+    assert module.configure_optimizers().param_groups[0]["lr"] == 0.02
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(value, saved[key]) for key, value in module.state_dict().items())
+    with pytest.raises(CheckpointMismatchError, match="different architecture"):
+        DeepGazeModule.load_from_checkpoint(checkpoint, map_location="cpu", num_components=1)
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test"])

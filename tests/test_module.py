@@ -1,6 +1,7 @@
 """DeepGazeModule: the loss against the reference head vectors, the entropy regulariser's sign, the probes."""
 
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -209,3 +210,24 @@ def test_validation_metrics_on_two_processes_equal_one_process():
     assert set(single) == set(double) and "val/sauc" in single
     for name, value in single.items():
         assert double[name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
+
+
+def test_component_loads_one_component_of_a_mixture(tmp_path):
+    torch.manual_seed(1)
+    mixture = DeepGazeIII(num_components=3, scanpath=True, backbone_weights="none")
+    torch.save(mixture.state_dict(), tmp_path / "mixture.pth")
+    module = DeepGazeModule(num_components=1, backbone_weights="none", init_from=str(tmp_path / "mixture.pth"),
+                            component=2)
+    loaded = module.model.state_dict()
+    component_keys = [key for key in mixture.state_dict() if re.match(r"^\w+\.2\.", key)]
+    assert len(component_keys) > 20
+    for key in component_keys:
+        assert torch.equal(loaded[re.sub(r"^(\w+)\.2\.", r"\1.0.", key)], mixture.state_dict()[key]), key
+    with pytest.raises(ValueError, match="num_components 1"):
+        DeepGazeModule(num_components=3, backbone_weights="none", component=2)
+
+
+def test_init_from_weights_of_another_architecture_is_refused(tmp_path):
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointMismatchError, match="fits no readout parameter"):
+        DeepGazeModule(num_components=1, backbone_weights="none", init_from=str(tmp_path / "other.pth"))
