@@ -150,8 +150,8 @@ def ig_summary(metrics: dict) -> str:
         return "validation IG over centre bias: not computed (no validation ran)"
     line = f"validation IG over centre bias: {float(metrics['val/ig']):.4f} bit/fix"
     if "val/gold_ig" in metrics:
-        gold = float(metrics["val/gold_ig"])
-        line += f" ({100.0 * float(metrics['val/ig']) / gold:.1f}% of the gold standard {gold:.4f} bit/fix)"
+        share, gold = 100.0 * float(metrics["val/ig_explained"]), float(metrics["val/gold_ig"])
+        line += f" ({share:.1f}% of the gold standard {gold:.4f} bit/fix)"
     return line
 
 
