@@ -15,7 +15,7 @@ from deepgaze_lit.data import (BaselineCenterbias, DataError, FixationSamples, S
 from deepgaze_lit.data.centerbias import UniformCenterbias
 from deepgaze_lit.data.torch_dataset import CenterbiasTensors
 
-# Origin: fixture written by pysaliency 0.2.22 itself (../shared/fixtures/pysaliency_mini), copied into tests/data.
+# Origin: fixture written by pysaliency 0.2.22 itself (the shared fixtures folder pysaliency_mini), copied into tests/data.
 FIXTURE = Path(__file__).parent / "data" / "pysaliency_mini"
 SMALL = dict(synthetic_images=12, val_images=3, synthetic_sizes=[(64, 96), (96, 64)], synthetic_subjects=3,
              batch_size=4, image_cache_mb=16)

@@ -17,7 +17,7 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.fixture(scope="module")
 def pysaliency_splits():
-    # Origin: ../shared/reference/vectors/crossval_splits.json (pysaliency crossval_split), copied into tests/data.
+    # Origin: the shared reference vectors crossval_splits.json (pysaliency crossval_split), copied into tests/data.
     return json.loads((DATA / "crossval_splits.json").read_text())["splits"]
 
 
@@ -55,7 +55,7 @@ def test_holdout_split():
 
 @pytest.fixture(scope="module")
 def centerbias_case():
-    # Origin: ../shared/reference/vectors/centerbias_case.npz (pysaliency BaselineModel and
+    # Origin: the shared reference vectors centerbias_case.npz (pysaliency BaselineModel and
     # CrossvalidatedBaselineModel outputs), copied into tests/data.
     case = dict(np.load(DATA / "centerbias_case.npz"))
     shapes = case["shapes"]
