@@ -1,13 +1,16 @@
 """`deepgaze`: the command line (LightningCLI) over `DeepGazeModule` and `SaliencyDataModule`.
 
     deepgaze fit --config configs/quickstart.yaml
-    deepgaze fit --config configs/baseline.yaml --ckpt_path last          # resume
+    deepgaze fit --config configs/baseline.yaml --ckpt_path last          # resume (or start when nothing to resume)
     deepgaze validate --config configs/baseline.yaml --ckpt_path best     # evaluate best.ckpt, write a report
     deepgaze predict --config configs/baseline.yaml --ckpt_path best --data.predict_dir images/
 
 Every run of an experiment shares one folder `<experiments_root>/<experiment>/` (see `deepgaze_lit.callbacks`);
 the checkpoint callbacks, TensorBoard logger, learning-rate monitor, validation image panel and prediction writer
-are added here, in code, so that configs stay short and checkpoint folders cannot diverge.
+are added here, in code, so that configs stay short and checkpoint folders cannot diverge. `fit` also gets the
+preemption and non-finite-loss callbacks of `deepgaze_lit.resilience`; `--ckpt_path last` resumes the experiment's
+newest checkpoint, and `fit` without `--ckpt_path` into an experiment with checkpoints starts a new run, keeping
+the earlier run's checkpoints in `checkpoints.<n>/`.
 """
 
 import sys
@@ -19,6 +22,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from deepgaze_lit.callbacks import AtomicCheckpointIO, ValidationPanel, experiment_checkpoints
@@ -26,6 +30,8 @@ from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.dataset import DataError
 from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
 from deepgaze_lit.predict import PredictionWriter
+from deepgaze_lit.resilience import (FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint, fit_checkpoint,
+                                     remove_partial_checkpoints, start_new_run)
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 HALF_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
@@ -89,11 +95,32 @@ class DeepGazeCLI(LightningCLI):
         config = self.config[self.subcommand]
         return Path(config.experiments_root) / config.experiment
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.experiment_dir / "checkpoints"
+
+    def resolve_fit_checkpoint(self) -> None:
+        """`--ckpt_path last` -> the experiment's newest checkpoint (None: start); no `--ckpt_path` -> a new run,
+        the earlier run's checkpoints moved to `checkpoints.<n>/`. Rank 0 alone moves and cleans files (other ranks
+        start before any file is written)."""
+        config = self.config[self.subcommand]
+        requested = config.get("ckpt_path")
+        config.ckpt_path = fit_checkpoint(self.checkpoint_dir, requested)
+        if rank_zero_only.rank != 0:
+            return
+        remove_partial_checkpoints(self.checkpoint_dir)
+        kept = start_new_run(self.checkpoint_dir) if requested is None else None
+        if kept is not None:
+            print(f"deepgaze: experiment '{config.experiment}' already had checkpoints: they are kept in {kept}; "
+                  "this is a new run (to continue a run instead, use --ckpt_path last)", file=sys.stderr)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         fixes = gpu_settings_without_gpu(config.trainer)
         if fixes:
             raise UsageError("no GPU found: run with " + " ".join(fixes))
+        if self.subcommand == "fit":
+            self.resolve_fit_checkpoint()
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
@@ -121,8 +148,11 @@ class DeepGazeCLI(LightningCLI):
             logger = False
         elif logger in (None, True):
             logger = TensorBoardLogger(save_dir=str(experiment_dir), name="logs")
-        if self.subcommand == "fit" and trainer_config.get("enable_checkpointing") is not False:
-            callbacks += experiment_checkpoints(experiment_dir / "checkpoints")
+        if self.subcommand == "fit":
+            last = str(self.checkpoint_dir / "last.ckpt")
+            callbacks += [PreemptionCheckpoint(last), FiniteLossGuard(last)]
+            if trainer_config.get("enable_checkpointing") is not False:
+                callbacks += experiment_checkpoints(self.checkpoint_dir)
         if logger is not False:
             if self.subcommand == "fit":
                 callbacks.append(LearningRateMonitor(logging_interval="epoch"))
@@ -169,6 +199,9 @@ def main(args: ArgsType = None) -> None:
     except USER_ERRORS as error:
         print(f"deepgaze: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteLossError as error:
+        print(f"deepgaze: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

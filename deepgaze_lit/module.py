@@ -133,7 +133,7 @@ class DeepGazeModule(L.LightningModule):
             self._initialise_from(init_from, component)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.eval_loss = MeanMetric()
+        self.eval_loss = MeanMetric().set_dtype(torch.float64)  # float64 sums: DDP gives the 1-process value
         self.evaluation_metrics: Optional[torch.nn.ModuleDict] = None
         self.feature_cache = None
         if feature_cache_mb > 0 or feature_cache_dir is not None:

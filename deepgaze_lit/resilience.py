@@ -8,8 +8,10 @@
   over a newer checkpoint.
 - `fit_checkpoint`: the checkpoint `fit --ckpt_path last` resumes from is the experiment's checkpoint with the
   highest global step, so a relaunched job never rolls back past a newer checkpoint; with no checkpoint it starts
-  fresh (one command both starts and resumes a requeued job). `fit` without `--ckpt_path` into an experiment that
-  already has checkpoints is refused instead of silently overwriting them.
+  fresh (one command both starts and resumes a requeued job).
+- `start_new_run`: `fit` without `--ckpt_path` into an experiment that already has checkpoints starts a new run
+  (a new version): the earlier run's `checkpoints/` folder is kept, renamed to `checkpoints.<n>`, never resumed
+  silently nor overwritten.
 - `FiniteLossGuard`: a NaN or infinite loss on any rank stops training before that step's update, naming the step;
   no checkpoint is written after it, so `last.ckpt` keeps the last good weights.
 - `remove_partial_checkpoints`: deletes the temporary files of checkpoint writes that a killed process left behind.
@@ -35,10 +37,6 @@ CHECKPOINT_SUFFIX = ".ckpt"
 PARTIAL_SUFFIX = ".tmp"
 LAST_NAME = "last.ckpt"
 REQUEUE_SIGNAL = signal.SIGUSR1
-
-
-class ExistingRunError(Exception):
-    """`fit` without `--ckpt_path` into an experiment that already has checkpoints."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,22 +71,9 @@ def newest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
 
 
 def fit_checkpoint(checkpoint_dir: Path, ckpt_path: Optional[str]) -> Optional[str]:
-    """The checkpoint `deepgaze fit` restores, given its `--ckpt_path` and the experiment's `checkpoint_dir`.
-
-    - None: a new run; raises ExistingRunError when `checkpoint_dir` already holds checkpoints of an earlier run.
-    - "last": the newest checkpoint of the experiment (`newest_checkpoint`), or None (a fresh start) when there
-      is none yet.
-    - anything else (a file): unchanged.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    if ckpt_path is None:
-        existing = sorted(path.name for path in checkpoint_dir.glob(f"*{CHECKPOINT_SUFFIX}"))
-        if existing:
-            raise ExistingRunError(
-                f"{checkpoint_dir} already holds checkpoints of an earlier run ({', '.join(existing)}): resume it with "
-                "--ckpt_path last, or start a separate run with another --experiment name (or delete the folder)"
-            )
-        return None
+    """The checkpoint `deepgaze fit` restores, given its `--ckpt_path` and the experiment's `checkpoint_dir`:
+    for "last" the newest checkpoint of the experiment (`newest_checkpoint`), or None (a fresh start) when there is
+    none yet; any other value unchanged (None: a new run, see `start_new_run`)."""
     if ckpt_path != "last":
         return ckpt_path
     newest = newest_checkpoint(checkpoint_dir)
@@ -98,6 +83,21 @@ def fit_checkpoint(checkpoint_dir: Path, ckpt_path: Optional[str]) -> Optional[s
     rank_zero_info(f"--ckpt_path last: resuming from {newest} (global step {checkpoint_global_step(newest)}, "
                    "the newest checkpoint of the experiment)")
     return str(newest)
+
+
+def start_new_run(checkpoint_dir: Path) -> Optional[Path]:
+    """Make way for a new run of an experiment: when `checkpoint_dir` holds checkpoints of an earlier run, rename
+    it to `<checkpoint_dir>.<n>` (n = 1, 2, ...: the first free number, so higher numbers are more recent runs)
+    and return that path; None when there was nothing to keep. Call it on one process only."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not any(checkpoint_dir.glob(f"*{CHECKPOINT_SUFFIX}")):
+        return None
+    number = 1
+    while checkpoint_dir.with_name(f"{checkpoint_dir.name}.{number}").exists():
+        number += 1
+    archive = checkpoint_dir.with_name(f"{checkpoint_dir.name}.{number}")
+    checkpoint_dir.rename(archive)
+    return archive
 
 
 def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:

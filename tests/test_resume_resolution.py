@@ -1,5 +1,5 @@
-"""Which checkpoint `fit` resumes from, the refusal to reuse an experiment without `--ckpt_path`, partial-file
-cleanup, and the preemption and non-finite-loss callbacks on a toy model in one process (fast)."""
+"""Which checkpoint `fit` resumes from, a new run of an experiment that has checkpoints, partial-file cleanup, and
+the preemption and non-finite-loss callbacks on a toy model in one process (fast)."""
 
 import os
 import signal
@@ -9,9 +9,11 @@ import lightning as L
 import pytest
 import torch
 
-from deepgaze_lit.resilience import (ExistingRunError, FiniteLossGuard, NonFiniteLossError, Preempted,
-                                     PreemptionCheckpoint, fit_checkpoint, newest_checkpoint,
-                                     remove_partial_checkpoints, slurm_job_id)
+from deepgaze_lit.cli import main
+from deepgaze_lit.resilience import (FiniteLossGuard, NonFiniteLossError, Preempted, PreemptionCheckpoint,
+                                     fit_checkpoint, ignore_requeue_signal, newest_checkpoint,
+                                     remove_partial_checkpoints, slurm_job_id, start_new_run)
+from helpers_multiprocess import checkpoint_dir, write_config
 
 
 def write_checkpoint(path, global_step, mtime=None):
@@ -44,10 +46,18 @@ def test_last_without_checkpoints_starts_fresh_and_explicit_paths_pass_through(t
     assert fit_checkpoint(tmp_path, "some/run.ckpt") == "some/run.ckpt"
 
 
-def test_a_new_run_into_an_experiment_with_checkpoints_is_refused(tmp_path):
-    write_checkpoint(tmp_path / "last.ckpt", 3)
-    with pytest.raises(ExistingRunError, match=r"already holds checkpoints of an earlier run \(last.ckpt\): resume"):
-        fit_checkpoint(tmp_path, None)
+def test_a_new_run_keeps_each_earlier_run_in_a_numbered_folder(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    assert start_new_run(checkpoints) is None
+    for run in (1, 2):
+        checkpoints.mkdir()
+        write_checkpoint(checkpoints / "last.ckpt", run)
+        assert start_new_run(checkpoints) == tmp_path / f"checkpoints.{run}"
+        assert not checkpoints.exists()
+    assert [torch.load(tmp_path / f"checkpoints.{run}" / "last.ckpt")["global_step"] for run in (1, 2)] == [1, 2]
+    checkpoints.mkdir()
+    (checkpoints / "last.ckpt.tmp").write_bytes(b"partial")
+    assert start_new_run(checkpoints) is None, "partial files are no earlier run"
 
 
 def test_partial_checkpoint_files_are_removed(tmp_path):
@@ -55,6 +65,15 @@ def test_partial_checkpoint_files_are_removed(tmp_path):
     (tmp_path / "last.ckpt.tmp").write_bytes(b"partial")
     assert remove_partial_checkpoints(tmp_path) == [tmp_path / "last.ckpt.tmp"]
     assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_loader_workers_ignore_the_requeue_signal():
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        ignore_requeue_signal(worker_id=0)
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_slurm_job_id_of_array_and_plain_jobs(monkeypatch):
@@ -118,3 +137,17 @@ def test_nan_loss_stops_before_the_update_naming_the_step(tmp_path):
         toy_trainer(tmp_path, FiniteLossGuard(str(tmp_path / "last.ckpt"))).fit(module)
     assert module.global_step == 5
     assert all(torch.isfinite(parameter).all() for parameter in module.parameters())
+
+
+def test_a_second_fit_without_ckpt_path_is_a_new_run_and_keeps_the_first(tmp_path, capsys):
+    config = write_config(tmp_path, "twice", trainer={"max_epochs": 1}, data={"synthetic_images": 8, "val_images": 2})
+    checkpoints = checkpoint_dir(tmp_path, "twice")
+    main(["fit", "--config", str(config)])
+    first = torch.load(checkpoints / "last.ckpt", weights_only=True)["state_dict"]
+    main(["fit", "--config", str(config), "--model.optimizer.init_args.lr", "0.5"])
+    assert "already had checkpoints: they are kept in" in capsys.readouterr().err
+    assert sorted(path.name for path in checkpoints.parent.iterdir()) == ["checkpoints", "checkpoints.1", "logs"]
+    kept = torch.load(checkpoints.parent / "checkpoints.1" / "last.ckpt", weights_only=True)["state_dict"]
+    second = torch.load(checkpoints / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(kept[key], first[key]) for key in first)
+    assert not all(torch.equal(second[key], first[key]) for key in first)

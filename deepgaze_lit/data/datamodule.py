@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from ..resilience import ignore_requeue_signal
 from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, CenterbiasModel, TemplateCenterbias,
                          UniformCenterbias)
 from .csv_dataset import read_csv_dataset
@@ -259,8 +260,10 @@ class SaliencyDataModule(pl.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def _loader_options(self) -> dict:
+        """Workers ignore SIGUSR1: SLURM sends it to every process of the job, the training process handles it."""
         workers = self.hparams.num_workers
         return {"num_workers": workers, "persistent_workers": workers > 0,
+                "worker_init_fn": ignore_requeue_signal if workers > 0 else None,
                 "pin_memory": self.hparams.pin_memory and torch.cuda.is_available()}
 
     def train_dataloader(self) -> ResumableDataLoader:
