@@ -97,6 +97,10 @@ class DeepGazeModule(L.LightningModule):
             backbone is frozen, so each image's features are computed once and reused by later epochs; 0 = off.
         feature_cache_dir, feature_cache_disk_mb: optional disk tier of that cache (folder and budget in MiB),
             reused across runs on the same data.
+        channels_last: keep the backbone's weights and feed it the images in channels_last memory format (faster
+            convolutions on GPUs; the same numbers up to float rounding).
+        compile_head: run the readout head (`DeepGazeIII.head`, everything after the backbone) through
+            `torch.compile` (compiled at its first use, once per image size).
         gold_kernel_size: standard deviation (pixels of the evaluated images) of the Gaussian that turns the
             fixations into the gold-standard map for CC, KLDiv and SIM; None leaves these metrics out.
     """
@@ -117,6 +121,8 @@ class DeepGazeModule(L.LightningModule):
         feature_cache_mb: float = 0.0,
         feature_cache_dir: Optional[str] = None,
         feature_cache_disk_mb: float = 0.0,
+        channels_last: bool = False,
+        compile_head: bool = False,
         gold_kernel_size: Optional[float] = None,
     ) -> None:
         super().__init__()
@@ -129,6 +135,9 @@ class DeepGazeModule(L.LightningModule):
         if entropy_every < 1:
             raise ValueError(f"model.entropy_every must be a positive number of steps, got {entropy_every}")
         self.model = DeepGazeIII(num_components=num_components, scanpath=scanpath, backbone_weights=backbone_weights)
+        if channels_last:
+            self.model.features.to(memory_format=torch.channels_last)
+        self._compiled_head = None
         if init_from is not None:
             self._initialise_from(init_from, component)
         self.optimizer = optimizer
@@ -187,6 +196,8 @@ class DeepGazeModule(L.LightningModule):
         """Backbone features (B,2048,h,w) of the batch's images of the datamodule's `stage` split, from the
         feature cache when it is on."""
         images = batch["image"]
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.feature_cache is None:
             return self.model.backbone_features(images)
         if stage not in self._data_fingerprints:
@@ -200,7 +211,15 @@ class DeepGazeModule(L.LightningModule):
 
     def _block_log_density(self, batch: dict, stage: str) -> BlockLogDensity:
         features = self._features(batch, stage)
-        return self.model.head(features, batch["centerbias"], batch["x_hist"], batch["y_hist"])
+        return self._head()(features, batch["centerbias"], batch["x_hist"], batch["y_hist"])
+
+    def _head(self):
+        """`DeepGazeIII.head`, compiled on first use when `compile_head` is set."""
+        if not self.hparams.compile_head:
+            return self.model.head
+        if self._compiled_head is None:
+            self._compiled_head = torch.compile(self.model.head, dynamic=False)
+        return self._compiled_head
 
     # ---- training -------------------------------------------------------------------------------------------
 
@@ -262,6 +281,7 @@ class DeepGazeModule(L.LightningModule):
     # ---- validation and test --------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        self._data_fingerprints.clear()  # each run may bring other data: fingerprint it again
         if self.trainer is None or self.trainer.datamodule is None:
             return
         if stage in ("fit", "validate"):
