@@ -3,7 +3,7 @@ and the rest, training images/s and peak memory, for the quickstart and for an M
 
     .venv/bin/python benchmarks/train.py                          # all runs below, CPU, float32
     .venv/bin/python benchmarks/train.py --runs mit1003 --epochs 2
-    .venv/bin/python benchmarks/train.py --device cuda             # on a GPU: bf16-mixed (see --precision)
+    .venv/bin/python benchmarks/train.py --device cuda --channels-last [--compile]   # GPU: bf16-mixed by default
 
 Runs (each `deepgaze fit` in its own process, so each peak memory is its own):
 - quickstart: `configs/quickstart.yaml` as shipped (feature cache on), for `--quickstart-epochs` epochs.
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=0, help="loader workers of the mit1003 runs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", default=None, help="Lightning precision (default 32 on CPU, bf16-mixed on GPU)")
+    parser.add_argument("--channels-last", action="store_true", help="model.channels_last for every run")
+    parser.add_argument("--compile", action="store_true", help="model.compile_head for every run")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     parser.add_argument("--one-run", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
@@ -57,8 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def device_overrides(args) -> list[str]:
     precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32")
     accelerator = "gpu" if args.device == "cuda" else "cpu"
-    return ["--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.strategy", "auto",
-            "--trainer.precision", precision]
+    options = ["--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.strategy", "auto",
+               "--trainer.precision", precision]
+    if args.channels_last:
+        options += ["--model.channels_last", "true"]
+    if args.compile:
+        options += ["--model.compile_head", "true"]
+    return options
 
 
 def fit_arguments(args, run: str, workdir: Path, output: Path) -> list[str]:
@@ -138,7 +145,8 @@ def report(args, results: dict[str, dict]) -> str:
             first, last = result["epochs"][0]["total"], result["epochs"][-1]["total"]
             notes.append(f"{run}: last epoch / first epoch = {last / first:.3f}")
     lines = [f"{torch.get_num_threads()} CPU threads, device {args.device}, precision "
-             f"{args.precision or ('bf16-mixed' if args.device == 'cuda' else '32')}; seconds per epoch",
+             f"{args.precision or ('bf16-mixed' if args.device == 'cuda' else '32')}, channels_last "
+             f"{args.channels_last}, compiled head {args.compile}; seconds per epoch",
              format_table(header, rows), *notes]
     if "mit1003" in results:
         epoch = results["mit1003"]["epochs"][-1]
