@@ -141,8 +141,9 @@ def ignore_requeue_signal(worker_id: int) -> None:
 class PreemptionCheckpoint(Callback):
     """On SIGUSR1: save the training state to `checkpoint_path` after the current step, requeue, stop.
 
-    The signal handler only records the signal. After every training step all ranks agree (one all-reduce of a
-    flag) whether any of them received it; if so, all ranks save together, rank 0 runs `scontrol requeue` (under
+    The signal handler only records the signal. After every optimizer step (with gradient accumulation: after the
+    last batch of each accumulation window, whose gradients a checkpoint would not hold) all ranks agree (one
+    all-reduce of a flag) whether any of them received it; if so, all ranks save together, rank 0 runs `scontrol requeue` (under
     SLURM) and every rank exits with `Preempted` (status 0). The checkpoint is a normal mid-epoch checkpoint:
     the training loader's position is part of it, so the relaunched job continues with the next batch.
 
@@ -172,7 +173,9 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        batches_done = batch_idx + 1
+        step_done = batches_done % trainer.accumulate_grad_batches == 0 or batches_done == trainer.num_training_batches
+        if not step_done or not trainer.strategy.reduce_boolean_decision(self.received, all=False):
             return
         trainer.save_checkpoint(self.checkpoint_path)
         if trainer.is_global_zero:

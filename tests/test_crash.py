@@ -37,6 +37,7 @@ def test_kill_while_writing_last_then_at_a_random_moment_resumes_to_the_uninterr
     written = last.stat().st_mtime_ns
     while last.stat().st_mtime_ns == written and process.poll() is None:
         time.sleep(0.02)
+    assert process.poll() in (None, 0), (tmp_path / "run2.log").read_text()
     time.sleep(random.uniform(0.0, 1.5))
     kill_group(process)
     wait([process])

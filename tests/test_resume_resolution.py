@@ -109,12 +109,15 @@ class ToyModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def toy_trainer(tmp_path, callback):
+def toy_trainer(tmp_path, callback, accumulate_grad_batches=1):
     return L.Trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[callback], logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     accumulate_grad_batches=accumulate_grad_batches)
 
 
-def test_sigusr1_saves_after_the_step_and_stops(tmp_path, monkeypatch):
+@pytest.mark.parametrize("accumulate, signal_step, saved_step", [(1, 5, 6), (2, 2, 3)])
+def test_sigusr1_saves_after_the_optimizer_step_and_stops(tmp_path, monkeypatch, accumulate, signal_step,
+                                                          saved_step):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     handler_before = signal.getsignal(signal.SIGUSR1)
@@ -123,10 +126,10 @@ def test_sigusr1_saves_after_the_step_and_stops(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGUSR1) == handler_before, "a finished fit restores the previous handler"
     assert not (tmp_path / "last.ckpt").exists()
     with pytest.raises(Preempted) as stopped:
-        toy_trainer(tmp_path, callback).fit(ToyModule(signal_step=5))
+        toy_trainer(tmp_path, callback, accumulate).fit(ToyModule(signal_step=signal_step))
     assert stopped.value.code == 0
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == 6 and saved["epoch"] == 1
+    assert saved["global_step"] == saved_step and saved["epoch"] == 1
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2
     signal.signal(signal.SIGUSR1, handler_before)
 
