@@ -143,9 +143,10 @@ class PreemptionCheckpoint(Callback):
 
     The signal handler only records the signal. After every optimizer step (with gradient accumulation: after the
     last batch of each accumulation window, whose gradients a checkpoint would not hold) all ranks agree (one
-    all-reduce of a flag) whether any of them received it; if so, all ranks save together, rank 0 runs `scontrol requeue` (under
-    SLURM) and every rank exits with `Preempted` (status 0). The checkpoint is a normal mid-epoch checkpoint:
-    the training loader's position is part of it, so the relaunched job continues with the next batch.
+    all-reduce of a flag) whether any of them received it; if so, all ranks save together, rank 0 runs
+    `scontrol requeue` (under SLURM) and every rank exits with `Preempted` (status 0). The checkpoint is a normal
+    mid-epoch checkpoint: the training loader's position is part of it, so the relaunched job continues with the
+    next batch.
 
     The handler is installed in `setup`, before Lightning installs its own SLURM handlers (which then leaves
     SIGUSR1 alone), and the previous handler is restored in `teardown`.
