@@ -1,7 +1,6 @@
 """SaliencyDataModule and the torch datasets: batch contents, history modes, targets, splits, synthetic data,
 prediction images, fingerprints and the setup summary."""
 
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,12 +39,6 @@ def test_synthetic_is_deterministic_and_its_density_integrates_to_one():
     initial = first.is_initial
     np.testing.assert_array_equal(first.x[initial], first.shapes[first.n[initial], 1] / 2)
     assert first.has_history and int(initial.sum()) == 6 * 8
-
-
-def test_synthetic_generation_is_fast():
-    start = time.perf_counter()
-    make_synthetic(n_images=100, sizes=[(256, 320), (320, 256)])
-    assert time.perf_counter() - start < 5
 
 
 def test_batches_follow_the_contract():
