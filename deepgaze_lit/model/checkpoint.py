@@ -83,7 +83,8 @@ def single_model_to_component(state: dict[str, Tensor], component: int) -> dict[
 
 
 def extract_component(state: dict[str, Tensor], component: int) -> dict[str, Tensor]:
-    """The state dict of a 1-component model holding component `component` of a mixture state dict (and its backbone)."""
+    """The state dict of a 1-component model holding component `component` of a mixture state dict, backbone
+    included."""
     available = mixture_components(state)
     if component not in available:
         raise ValueError(f"component {component} is not in the checkpoint; it holds components {available}")
@@ -101,7 +102,9 @@ def _component_keys(model_keys: list[str], component: int) -> list[str]:
     return [key for key in model_keys if (m := _MIXTURE_KEY.match(key)) and int(m.group(2)) == component]
 
 
-def load_state(model: nn.Module, state: dict[str, Tensor], expected: list[str], strict: bool, source: str) -> LoadReport:
+def load_state(
+    model: nn.Module, state: dict[str, Tensor], expected: list[str], strict: bool, source: str
+) -> LoadReport:
     """Copy the matching entries of `state` into `model`; report the `expected` model keys it lacks and its extras.
 
     strict: raise a ValueError naming `source` unless every expected key is filled and nothing is left over.
@@ -118,7 +121,9 @@ def load_state(model: nn.Module, state: dict[str, Tensor], expected: list[str], 
     )
     if strict and not report.ok:
         raise ValueError(f"{source} does not fit this model ({report}); pass strict=False to load what fits")
-    loadable = {key: value for key, value in state.items() if key in model_state and value.shape == model_state[key].shape}
+    loadable = {
+        key: value for key, value in state.items() if key in model_state and value.shape == model_state[key].shape
+    }
     model.load_state_dict(loadable, strict=False)
     return report
 

@@ -2,9 +2,11 @@
 DenseNet-201, and its output on the finalizer grid (`BlockLogDensity`).
 
 The computation is the reference's, sized to what the output needs: the 1x1-convolution saliency path runs on the
-backbone's native grid (LayerNorm statistics weighted by how often nearest upsampling copies each cell), the
-scanpath encoding is computed only at the readout-grid sample positions, and the finalizer and the mixture run on
-the finalizer grid, normalised over the full image with the block sizes as weights.
+backbone's native grid (LayerNorm statistics weighted by how often nearest upsampling copies each cell; the
+2048-channel statistics computed once for all components), the scanpath encoding is computed only at the
+readout-grid sample positions, components run one after the other on the readout grid (small working set), and the
+finalizer and the mixture run on the finalizer grid, normalised over the full image with the block sizes as
+weights.
 """
 
 import math
@@ -18,6 +20,7 @@ from torch import Tensor
 from deepgaze_lit.model.backbone import FEATURE_CHANNELS, DenseNetFeatures, check_image_side
 from deepgaze_lit.model.checkpoint import LoadReport, extract_component, load_weights, read_state_dict
 from deepgaze_lit.model.grids import DOWNSAMPLE, SALIENCY_MAP_FACTOR, NearestMap, readout_shape
+from deepgaze_lit.model.layers import normalise
 from deepgaze_lit.model.readout import (
     HISTORY_LENGTH,
     Finalizer,
@@ -25,11 +28,7 @@ from deepgaze_lit.model.readout import (
     SaliencyNetwork,
     ScanpathNetwork,
     finalize,
-    fixation_selection,
-    normalised_saliency,
-    saliency_maps,
     scanpath_encoding,
-    scanpath_features,
 )
 
 RELEASE_COMPONENTS = 10
@@ -91,7 +90,9 @@ class DeepGazeIII(nn.Module):
     `scanpath_networks.N.`, `fixation_selection_networks.N.`, `finalizers.N.`).
     """
 
-    def __init__(self, num_components: int = RELEASE_COMPONENTS, scanpath: bool = True, backbone_weights: str | Path = "imagenet"):
+    def __init__(
+        self, num_components: int = RELEASE_COMPONENTS, scanpath: bool = True, backbone_weights: str | Path = "imagenet"
+    ):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
@@ -161,25 +162,30 @@ class DeepGazeIII(nn.Module):
         readout = readout_shape(image_shape)
         native_to_readout = NearestMap.to_size(tuple(features.shape[-2:]), readout, device)
         cell_weight = native_to_readout.cell_counts(dtype).flatten()
-        saliency = saliency_maps(list(self.saliency_networks), features.to(dtype).flatten(2), cell_weight)
-        saliency = normalised_saliency(list(self.fixation_selection_networks), saliency, cell_weight)
-
+        normalised_features = normalise(features.to(dtype).flatten(2), cell_weight)
         image_to_grid = NearestMap.by_factor(image_shape, SALIENCY_MAP_FACTOR, device)
         readout_to_grid = NearestMap.to_size(readout, image_to_grid.out_shape, device)
         if self.scanpath:
             x_hist, y_hist = self._history(x_hist, y_hist, batch, dtype, device)
             encoding, valid = scanpath_encoding(x_hist, y_hist, NearestMap.to_size(image_shape, readout, device))
-            history = scanpath_features(list(self.scanpath_networks), encoding, valid)
-            saliency = native_to_readout.apply_flat(saliency)
-            readout_values = fixation_selection(list(self.fixation_selection_networks), saliency, history)
             to_grid = readout_to_grid
         else:
-            readout_values = fixation_selection(list(self.fixation_selection_networks), saliency, None, cell_weight)
             to_grid = readout_to_grid.after(native_to_readout)
+
+        readouts = []
+        for component in range(self.num_components):
+            saliency = self.saliency_networks[component](normalised_features, cell_weight)
+            selection = self.fixation_selection_networks[component]
+            saliency = selection.normalise_saliency(saliency, cell_weight)
+            if self.scanpath:
+                history = self.scanpath_networks[component](encoding, valid)
+                readouts.append(selection(native_to_readout.apply_flat(saliency), history))
+            else:
+                readouts.append(selection(saliency, None, cell_weight))
 
         final_dtype = torch.promote_types(dtype, torch.float32)
         with torch.autocast(device.type, enabled=False):
-            on_grid = to_grid.apply_flat(readout_values[:, :, 0].to(final_dtype))
+            on_grid = to_grid.apply_flat(torch.cat(readouts, dim=1).to(final_dtype))
             on_grid = on_grid.view(batch, self.num_components, *image_to_grid.out_shape)
             grid_to_image = NearestMap.to_size(image_to_grid.out_shape, image_shape, device)
             centerbias_on_grid = image_to_grid.apply(centerbias.to(final_dtype))[:, None]
@@ -222,5 +228,5 @@ class DeepGazeIII(nn.Module):
             raise ValueError("give both x_hist and y_hist, or neither")
         for name, hist in (("x_hist", x_hist), ("y_hist", y_hist)):
             if tuple(hist.shape) != (batch, HISTORY_LENGTH):
-                raise ValueError(f"{name} must be (B, {HISTORY_LENGTH}) = ({batch}, {HISTORY_LENGTH}), got {tuple(hist.shape)}")
+                raise ValueError(f"{name} must be (B, {HISTORY_LENGTH}) with B = {batch}, got {tuple(hist.shape)}")
         return x_hist.to(dtype=dtype, device=device), y_hist.to(dtype=dtype, device=device)

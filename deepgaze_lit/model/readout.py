@@ -1,35 +1,30 @@
-"""The four networks of a DeepGaze III component and their joint evaluation over all K components.
-
-The classes own one component's parameters under the released state-dict names; the functions evaluate a list of
-them at once on (B, K, C, P) tensors (P: flattened grid positions), which is mathematically the per-component
-computation of the paper:
+"""The four networks of one DeepGaze III component, on maps laid out as (B, C, P) (see `layers`).
 
 - saliency: LayerNorm(2048) -> 1x1 conv 2048->8 -> bias -> softplus -> LayerNorm(8) -> conv 8->16 -> bias ->
   softplus -> LayerNorm(16) -> conv 16->1 -> bias -> softplus;
-- scanpath: per history slot a 1x1 conv 3->128 with bias, summed over the valid slots -> softplus ->
+- scanpath: per history slot a 1x1 conv 3->128 with bias, summed over the present slots -> softplus ->
   LayerNorm(128) -> conv 128->16 -> bias -> softplus;
 - fixation selection: per-input LayerNorm([1, 16]) -> summed convs ([1, 16] -> 128) -> bias -> softplus ->
   LayerNorm(128) -> conv 128->16 -> bias -> softplus -> conv 16->1;
-- finalizer: Gaussian blur + weighted centre bias, normalised to a log density.
+- finalizer: Gaussian blur + weighted centre bias, normalised to a log density (`finalize`, all components at once).
 """
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from deepgaze_lit.model.grids import NearestMap
 from deepgaze_lit.model.layers import (
-    LAYER_NORM_EPS,
     Bias,
     GaussianBlur,
     LayerNorm,
     MultiInputConv,
     MultiInputLayerNorm,
     ScanpathHistoryEncoding,
+    conv1x1,
     gaussian_blur,
-    group_layer_norm,
-    stack_parameters,
+    softplus,
+    softplus_layer_norm_conv,
 )
 
 FEATURE_CHANNELS = 2048
@@ -38,7 +33,7 @@ SCANPATH_CHANNELS = 16
 
 
 class SaliencyNetwork(nn.Module):
-    """Parameters of one component's saliency network (spatial priority map, >= 0)."""
+    """Spatial priority map (>= 0) from the backbone features."""
 
     def __init__(self, in_channels: int = FEATURE_CHANNELS):
         super().__init__()
@@ -52,9 +47,20 @@ class SaliencyNetwork(nn.Module):
         self.conv2 = nn.Conv2d(16, 1, 1, bias=False)
         self.bias2 = Bias(1)
 
+    def forward(self, normalised_features: Tensor, cell_weight: Tensor) -> Tensor:
+        """normalised_features (B, 2048, P): the features after LayerNorm without affine (`layers.normalise`; the
+        statistics are the same for every component, so the mixture computes them once). This component's
+        layernorm0 affine is folded into conv0 (W diag(gamma), W beta). Returns (B, 1, P)."""
+        weight = self.conv0.weight.flatten(1)
+        folded_weight = weight * self.layernorm0.weight
+        folded_bias = weight @ self.layernorm0.bias + self.bias0.bias
+        x = softplus(conv1x1(folded_weight, normalised_features, folded_bias))
+        x = softplus(conv1x1(self.conv1.weight, self.layernorm1(x, cell_weight), self.bias1.bias))
+        return softplus(conv1x1(self.conv2.weight, self.layernorm2(x, cell_weight), self.bias2.bias))
+
 
 class ScanpathNetwork(nn.Module):
-    """Parameters of one component's scanpath network (16 channels from the fixation history)."""
+    """16 channels from the fixation history."""
 
     def __init__(self):
         super().__init__()
@@ -63,9 +69,21 @@ class ScanpathNetwork(nn.Module):
         self.conv1 = nn.Conv2d(128, SCANPATH_CHANNELS, 1, bias=False)
         self.bias1 = Bias(SCANPATH_CHANNELS)
 
+    def forward(self, encoding: Tensor, valid: Tensor) -> Tensor:
+        """encoding (B, 12, P) and valid (B, 4) from `scanpath_encoding` -> (B, 16, P).
+
+        A sample without any history has a constant softplus(0) map, whose LayerNorm is exactly its bias: it is set
+        so explicitly, so that no eps-amplified rounding noise reaches the output or the LayerNorm weight's gradient.
+        """
+        x = self.encoding0(encoding, valid)
+        without_history = ~valid.any(dim=1)
+        x = softplus_layer_norm_conv(x, self.layernorm1, self.conv1.weight, self.bias1.bias, without_history)
+        return softplus(x)
+
 
 class FixationSelectionNetwork(nn.Module):
-    """Parameters of one component's fixation-selection network; inputs [1, 16], or [1, 0] without scanpath."""
+    """Readout (before the finalizer) from saliency and, with `scanpath`, scanpath features: inputs [1, 16] or
+    [1, 0]."""
 
     def __init__(self, scanpath: bool = True):
         super().__init__()
@@ -78,6 +96,27 @@ class FixationSelectionNetwork(nn.Module):
         self.bias1 = Bias(16)
         self.conv2 = nn.Conv2d(16, 1, 1, bias=False)
 
+    def normalise_saliency(self, saliency: Tensor, cell_weight: Tensor) -> Tensor:
+        """layernorm0's saliency part: (B, 1, P) -> (B, 1, P). Apply it on the saliency's own (native) grid with
+        `cell_weight`, before upsampling, so that a spatially constant saliency (1x1 features) gives exactly 0."""
+        return self.layernorm0.layernorm_part0(saliency, cell_weight)
+
+    def forward(self, saliency: Tensor, scanpath: Tensor | None, cell_weight: Tensor | None = None) -> Tensor:
+        """saliency (B, 1, P) from `normalise_saliency`, scanpath (B, 16, P) or None -> readout (B, 1, P).
+
+        `cell_weight` (P,) weights the LayerNorm statistics (None: each position once)."""
+        x = saliency
+        weight = self.conv0.conv_part0.weight.flatten(1)
+        if scanpath is not None:
+            x = torch.cat([x, self.layernorm0.layernorm_part1(scanpath, cell_weight)], dim=1)
+            weight = torch.cat([weight, self.conv0.conv_part1.weight.flatten(1)], dim=1)
+        x = conv1x1(weight, x, self.bias0.bias)
+        if cell_weight is None:
+            x = softplus_layer_norm_conv(x, self.layernorm1, self.conv1.weight, self.bias1.bias)
+        else:
+            x = conv1x1(self.conv1.weight, self.layernorm1(softplus(x), cell_weight), self.bias1.bias)
+        return conv1x1(self.conv2.weight, softplus(x))
+
 
 class Finalizer(nn.Module):
     """Parameters of one component's finalizer: `gauss.sigma` (finalizer-grid pixels), `center_bias_weight` (1,)."""
@@ -86,119 +125,6 @@ class Finalizer(nn.Module):
         super().__init__()
         self.gauss = GaussianBlur(sigma, truncate=3.0, learn_sigma=learn_sigma)
         self.center_bias_weight = nn.Parameter(torch.tensor([float(center_bias_weight)]))
-
-
-def _conv_weights(convs: list[nn.Conv2d]) -> Tensor:
-    """Stacked 1x1 convolution weights (K, C_out, C_in)."""
-    out_channels, in_channels = convs[0].weight.shape[:2]
-    return stack_parameters([conv.weight for conv in convs], (out_channels, in_channels))
-
-
-def _biases(biases: list[Bias]) -> Tensor:
-    """Stacked biases (K, C, 1), broadcastable over positions."""
-    return stack_parameters([bias.bias for bias in biases], (-1, 1))
-
-
-def _affine(norms: list[LayerNorm]) -> tuple[Tensor, Tensor]:
-    """Stacked LayerNorm weight and bias, each (K, C)."""
-    return torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms])
-
-
-def saliency_maps(networks: list[SaliencyNetwork], features: Tensor, cell_weight: Tensor) -> Tensor:
-    """Saliency of every component on the backbone's native grid.
-
-    features (B, 2048, P) (no gradient), `cell_weight` (P,): readout-grid cells per native position (the networks
-    conceptually run on the nearest-upsampled readout grid; all their layers are pointwise except the LayerNorm
-    statistics, which are weighted accordingly). Returns (B, K, 1, P).
-
-    The 2048-channel LayerNorm statistics do not depend on the component: they are computed once, and each
-    component's affine is folded into its first 1x1 convolution (W diag(gamma), W beta) at compute time.
-    """
-    batch, channels, positions = features.shape
-    components = len(networks)
-    position_weight = cell_weight / (channels * cell_weight.sum())
-    mean = (features @ position_weight).sum(-1)
-    centred = features - mean[:, None, None]
-    variance = (centred.square() @ position_weight).sum(-1)
-    normalised = centred * torch.rsqrt(variance + LAYER_NORM_EPS)[:, None, None]
-
-    conv0 = _conv_weights([net.conv0 for net in networks])
-    scale, shift = _affine([net.layernorm0 for net in networks])
-    folded_weight = (conv0 * scale[:, None, :]).reshape(-1, channels)
-    folded_bias = (conv0 @ shift[..., None]) + _biases([net.bias0 for net in networks])
-    x = (folded_weight @ normalised).view(batch, components, -1, positions) + folded_bias
-    x = F.softplus(x)
-    x = group_layer_norm(x, *_affine([net.layernorm1 for net in networks]), cell_weight)
-    x = F.softplus(_conv_weights([net.conv1 for net in networks]) @ x + _biases([net.bias1 for net in networks]))
-    x = group_layer_norm(x, *_affine([net.layernorm2 for net in networks]), cell_weight)
-    return F.softplus(_conv_weights([net.conv2 for net in networks]) @ x + _biases([net.bias2 for net in networks]))
-
-
-def scanpath_features(networks: list[ScanpathNetwork], encoding: Tensor, valid: Tensor) -> Tensor:
-    """Scanpath features of every component on the readout grid.
-
-    encoding (B, 12, P): channels [dx0..dx3, dy0..dy3, d0..d3] in pixels, 0 where a slot is missing; valid (B, 4)
-    bool. A missing slot contributes exactly 0 (its bias too). Returns (B, K, 16, P).
-
-    A sample without any history has a constant softplus(0) map, whose LayerNorm is exactly its bias: it is set so
-    explicitly, so that no eps-amplified rounding noise reaches the output or the LayerNorm weight's gradient.
-    """
-    batch, _, positions = encoding.shape
-    components = len(networks)
-    slot_weights = torch.stack(
-        [_conv_weights(list(net.encoding0.convolutions)) for net in networks]
-    )  # (K, slots, 128, 3): input order (dx, dy, d)
-    encoding_weight = slot_weights.permute(0, 2, 3, 1).reshape(components, -1, 3 * HISTORY_LENGTH)
-    slot_biases = torch.stack(
-        [torch.stack([conv.bias for conv in net.encoding0.convolutions]) for net in networks]
-    )  # (K, slots, 128)
-    with torch.autocast(encoding.device.type, enabled=False):
-        encoding_weight = encoding_weight.to(encoding.dtype)
-        bias = torch.einsum("bs,ksc->bkc", valid.to(encoding.dtype), slot_biases.to(encoding.dtype))
-        x = (encoding_weight.reshape(-1, 3 * HISTORY_LENGTH) @ encoding).view(batch, components, -1, positions)
-        x = x + bias[..., None]
-    x = F.softplus(x)
-    scale, shift = _affine([net.layernorm1 for net in networks])
-    conv1 = _conv_weights([net.conv1 for net in networks])
-    x = conv1 @ group_layer_norm(x, scale, shift)
-    x = torch.where(valid.any(dim=1)[:, None, None, None], x, conv1 @ shift[..., None])
-    return F.softplus(x + _biases([net.bias1 for net in networks]))
-
-
-def normalised_saliency(
-    networks: list[FixationSelectionNetwork], saliency: Tensor, cell_weight: Tensor | None = None
-) -> Tensor:
-    """The fixation-selection networks' LayerNorm of the saliency input (`layernorm0.layernorm_part0`).
-
-    saliency (B, K, 1, P) -> (B, K, 1, P); `cell_weight` as in `group_layer_norm`. Apply it on the native grid,
-    before any upsampling, so that a spatially constant saliency (a 1x1 feature map) normalises to exactly 0.
-    """
-    return group_layer_norm(saliency, *_affine([net.layernorm0.layernorm_part0 for net in networks]), cell_weight)
-
-
-def fixation_selection(
-    networks: list[FixationSelectionNetwork],
-    saliency: Tensor,
-    scanpath: Tensor | None,
-    cell_weight: Tensor | None = None,
-) -> Tensor:
-    """Readout of every component: normalised saliency (B, K, 1, P) (see `normalised_saliency`), scanpath
-    features (B, K, 16, P) or None -> (B, K, 1, P).
-
-    `cell_weight` (P,) weights the LayerNorm statistics as in `group_layer_norm` (None: each position once).
-    """
-    x = saliency
-    weight = _conv_weights([net.conv0.conv_part0 for net in networks])
-    if scanpath is not None:
-        history = group_layer_norm(
-            scanpath, *_affine([net.layernorm0.layernorm_part1 for net in networks]), cell_weight
-        )
-        x = torch.cat([x, history], dim=2)
-        weight = torch.cat([weight, _conv_weights([net.conv0.conv_part1 for net in networks])], dim=2)
-    x = F.softplus(weight @ x + _biases([net.bias0 for net in networks]))
-    x = group_layer_norm(x, *_affine([net.layernorm1 for net in networks]), cell_weight)
-    x = F.softplus(_conv_weights([net.conv1 for net in networks]) @ x + _biases([net.bias1 for net in networks]))
-    return _conv_weights([net.conv2 for net in networks]) @ x
 
 
 def finalize(finalizers: list[Finalizer], readout: Tensor, centerbias: Tensor, log_cell_size: Tensor) -> Tensor:
