@@ -28,7 +28,9 @@ def release_rows():
     # Origin: shared/reference/vectors/deepgaze3_state_dict.tsv (reference DeepGazeIII(pretrained=False).state_dict()).
     lines = (DATA / "deepgaze3_state_dict.tsv").read_text().splitlines()[1:]
     rows = [line.split("\t") for line in lines]
-    return [(key, () if shape == "scalar" else tuple(int(n) for n in shape.split("x")), dtype) for key, shape, dtype in rows]
+    return [
+        (key, () if shape == "scalar" else tuple(int(n) for n in shape.split("x")), dtype) for key, shape, dtype in rows
+    ]
 
 
 def test_state_dict_equals_release_layout(model):
@@ -40,10 +42,13 @@ def test_state_dict_equals_release_layout(model):
 
 def test_release_layout_loads_strictly_and_from_release(tmp_path):
     generator = torch.Generator().manual_seed(1)
-    release = {
-        key: (torch.randint(0, 5, shape, generator=generator) if "int" in dtype else torch.randn(shape, generator=generator))
-        for key, shape, dtype in release_rows()
-    }
+
+    def random_tensor(shape, dtype):
+        if "int" in dtype:
+            return torch.randint(0, 5, shape, generator=generator)
+        return torch.randn(shape, generator=generator)
+
+    release = {key: random_tensor(shape, dtype) for key, shape, dtype in release_rows()}
     DeepGazeIII(num_components=10, scanpath=True, backbone_weights="none").load_state_dict(release, strict=True)
     path = tmp_path / "deepgaze3.pth"
     torch.save(release, path)

@@ -11,20 +11,37 @@ import torch
 from deepgaze_lit import DeepGazeIII
 from naive_deepgaze import NaiveDeepGazeIII, randomise_readout
 
-SIZES = [(64, 64), (100, 140), (76, 120), (130, 97)]
 FEATURE_GRID = (3, 4)  # what the backbone returns for ~200x260 images; the head accepts any grid
+# (components, scanpath, height, width, history): every size, history case, component count and variant appears.
+HEAD_CASES = [
+    (10, True, 64, 64, "mixed"),
+    (10, True, 100, 140, "mixed"),
+    (10, True, 76, 120, "one_without"),
+    (10, True, 130, 97, "all_nan"),
+    (1, True, 64, 64, "one_without"),
+    (1, True, 100, 140, "all_nan"),
+    (1, True, 130, 97, "mixed"),
+    (10, False, 76, 120, "mixed"),
+    (10, False, 130, 97, "mixed"),
+    (1, False, 64, 64, "mixed"),
+    (1, False, 100, 140, "mixed"),
+]
+_PAIRS = {}
 
 
-@pytest.fixture(scope="module", params=[(1, True), (10, True), (1, False), (10, False)], ids=lambda p: f"K{p[0]}-{'scanpath' if p[1] else 'spatial'}")
-def pair(request):
-    """(optimised, naive) with the same random readout parameters, in float32 and float64."""
-    components, scanpath = request.param
-    torch.manual_seed(components)
-    fast = DeepGazeIII(num_components=components, scanpath=scanpath, backbone_weights="none")
-    randomise_readout(fast, seed=components + scanpath)
-    naive = NaiveDeepGazeIII(components, scanpath)
-    naive.load_state_dict(fast.state_dict())
-    return {torch.float32: (fast, naive), torch.float64: (copy.deepcopy(fast).double(), copy.deepcopy(naive).double())}
+def model_pair(components, scanpath):
+    """(optimised, naive) with the same random readout parameters, in float32 and float64 (built once)."""
+    if (components, scanpath) not in _PAIRS:
+        torch.manual_seed(components)
+        fast = DeepGazeIII(num_components=components, scanpath=scanpath, backbone_weights="none")
+        randomise_readout(fast, seed=components + scanpath)
+        naive = NaiveDeepGazeIII(components, scanpath)
+        naive.load_state_dict(fast.state_dict())
+        _PAIRS[components, scanpath] = {
+            torch.float32: (fast, naive),
+            torch.float64: (copy.deepcopy(fast).double(), copy.deepcopy(naive).double()),
+        }
+    return _PAIRS[components, scanpath]
 
 
 def head_inputs(height, width, history, dtype, seed):
@@ -67,9 +84,8 @@ def run_both(fast, naive, inputs):
     return out_fast.detach(), out_naive.detach(), gradients
 
 
-@pytest.mark.parametrize("history", ["mixed", "one_without", "all_nan"])
-@pytest.mark.parametrize("height, width", SIZES)
-def test_head_equals_naive_oracle(pair, height, width, history):
+@pytest.mark.parametrize("components, scanpath, height, width, history", HEAD_CASES)
+def test_head_equals_naive_oracle(components, scanpath, height, width, history):
     """mixed: every sample has 2-4 history slots; one_without: sample 1 has none; all_nan: no sample has any.
 
     Without history the oracle, like the reference, takes the LayerNorm of a constant map, which in float32 returns
@@ -77,10 +93,9 @@ def test_head_equals_naive_oracle(pair, height, width, history):
     network is compared with the float64 oracle in every case, with the float32 oracle only when every sample has
     history.
     """
+    pair = model_pair(components, scanpath)
     fast32, naive32 = pair[torch.float32]
     fast64, naive64 = pair[torch.float64]
-    if not fast32.scanpath and history != "mixed":
-        pytest.skip("the spatial model ignores the history")
     inputs32 = head_inputs(height, width, history, torch.float32, seed=height * width)
     inputs64 = head_inputs(height, width, history, torch.float64, seed=height * width)
 
@@ -103,17 +118,21 @@ def test_head_equals_naive_oracle(pair, height, width, history):
 
 
 @pytest.mark.parametrize(
-    "height, width, greyscale, dtype",
-    [(200, 260, False, torch.float32), (100, 140, True, torch.float32), (64, 64, False, torch.float64)],
+    "components, scanpath, height, width, greyscale, dtype",
+    [
+        (10, True, 200, 260, False, torch.float32),
+        (1, False, 100, 140, True, torch.float32),
+        (1, True, 64, 64, False, torch.float64),
+    ],
 )
-def test_forward_with_backbone_equals_naive_oracle(pair, height, width, greyscale, dtype):
+def test_forward_with_backbone_equals_naive_oracle(components, scanpath, height, width, greyscale, dtype):
     """Whole forward from uint8 images: the truncated backbone equals torchvision's full forward with hooks.
 
     At 64x64 the backbone returns a 1x1 map, so the saliency is spatially constant and the fixation-selection
     LayerNorm of it is 0/0 up to eps: a float32 full-resolution implementation returns rounding noise there, hence
     float64 for that size.
     """
-    fast, naive = pair[dtype]
+    fast, naive = model_pair(components, scanpath)[dtype]
     generator = torch.Generator().manual_seed(height)
     image = torch.randint(0, 256, (2, 1 if greyscale else 3, height, width), dtype=torch.uint8, generator=generator)
     _, centerbias, x_hist, y_hist, _ = head_inputs(height, width, "mixed", dtype, seed=width)
