@@ -9,7 +9,8 @@
   with the feature cache, its lookups;
 - optimiser: `optimizer.step` and Lightning's bookkeeping after it;
 - validation: the whole validation loop (its loader, network and metrics);
-- other: the rest of the epoch (logging, checkpoint writing, epoch hooks).
+- other: the rest of the epoch up to the start of the next one (or the end of fit): logging, epoch hooks and
+  checkpoint writing.
 On a GPU every boundary synchronises the device, so the split is honest (and the run slightly slower).
 
 Peak RSS never decreases, so it is also read at the start of fit (data set up, model built), at the end of each
@@ -58,6 +59,7 @@ class StageTimer(Callback):
         self.epochs: list[dict[str, Any]] = []
         self.setup_rss_mb = 0.0
         self._current: dict[str, Any] = {}
+        self._ended: dict[str, Any] = {}
         self._mark = 0.0
         self._step_start = 0.0
         self._optimiser_start = 0.0
@@ -93,9 +95,11 @@ class StageTimer(Callback):
             torch.cuda.reset_peak_memory_stats(self._device)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        now = self._now()
+        self._close_epoch(now)
         self._current = {phase: 0.0 for phase in PHASES}
         self._current.update(epoch=trainer.current_epoch, images=0, steps=0)
-        self._epoch_start = self._mark = self._now()
+        self._epoch_start = self._mark = now
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_start = self._now()
@@ -127,19 +131,25 @@ class StageTimer(Callback):
         self._current["validation"] += self._mark - self._validation_start
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        total = self._now() - self._epoch_start
-        measured = sum(self._current[phase] for phase in PHASES if phase != "other")
-        self._current["other"] = total - measured
-        self._current["total"] = total
+        """The epoch's steps and validation are done; it is closed (with what follows, such as checkpoint
+        writing, in `other`) when the next epoch starts or fit ends."""
         self._current.setdefault("train_rss_mb", peak_rss_mb())
-        self._current["end_rss_mb"] = peak_rss_mb()
         cache = getattr(pl_module, "feature_cache", None)
         if cache is not None:
             self._current["cache"] = dict(vars(cache.stats))
-        self.epochs.append(self._current)
-        self._current = {}
+        self._ended, self._current = self._current, {}
+
+    def _close_epoch(self, now: float) -> None:
+        if not self._ended:
+            return
+        epoch, self._ended = self._ended, {}
+        epoch["total"] = now - self._epoch_start
+        epoch["other"] = epoch["total"] - sum(epoch[phase] for phase in PHASES if phase != "other")
+        epoch["end_rss_mb"] = peak_rss_mb()
+        self.epochs.append(epoch)
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._close_epoch(self._now())
         if not trainer.is_global_zero:
             return
         result = {"epochs": self.epochs, "setup_rss_mb": self.setup_rss_mb, "peak_rss_mb": peak_rss_mb(),
