@@ -39,6 +39,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_stall_microseconds() -> Optional[int]:
+    """Total microseconds in which some runnable task waited for a CPU (Linux pressure stall information), or
+    None where the kernel does not report it. Its growth over a run, divided by the run's duration, is the share
+    of the time the CPUs were oversubscribed: about 0 on a quiet machine, near 1 when other work competes."""
+    try:
+        with open("/proc/pressure/cpu") as stream:
+            fields = dict(item.split("=") for item in stream.readline().split()[1:])
+    except (OSError, ValueError):
+        return None
+    return int(fields["total"])
+
+
 def cuda_peak_mb() -> Optional[float]:
     """`torch.cuda.max_memory_allocated` in MiB, or None without CUDA."""
     if not torch.cuda.is_available():

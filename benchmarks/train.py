@@ -24,11 +24,12 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from common import PHASES, REFERENCE, format_table
+from common import PHASES, REFERENCE, cpu_stall_microseconds, format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 MIT1003_TRAIN_IMAGES = 902
@@ -103,11 +104,15 @@ def launch(args, run: str, argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "result.json"
         command = [sys.executable, __file__, *argv, "--one-run", run, "--output", str(output)]
+        stall_before, begin = cpu_stall_microseconds(), time.perf_counter()
         completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        stall_after, seconds = cpu_stall_microseconds(), time.perf_counter() - begin
         if completed.returncode != 0 or not output.exists():
             sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-8000:])
             raise SystemExit(f"run {run} failed with status {completed.returncode}")
-        return json.loads(output.read_text())
+        result = json.loads(output.read_text())
+        result["cpu_pressure"] = None if stall_before is None else (stall_after - stall_before) / 1e6 / seconds
+        return result
 
 
 def train_seconds(epoch: dict) -> float:
@@ -140,6 +145,9 @@ def report(args, results: dict[str, dict]) -> str:
                              f"per epoch at MIT1003 size ({MIT1003_TRAIN_IMAGES} train, {MIT1003_VAL_IMAGES} val images)")
         marks = ", ".join(f"epoch {epoch['epoch']} training {epoch['train_rss_mb']:.0f}, after validation "
                           f"{epoch['end_rss_mb']:.0f}" for epoch in result["epochs"])
+        if result.get("cpu_pressure") is not None:
+            notes.append(f"{run}: CPUs oversubscribed {100 * result['cpu_pressure']:.0f}% of the run "
+                         "(/proc/pressure/cpu; near 0 = the machine was ours)")
         notes.append(f"{run}: peak RSS MB at fit start {result['setup_rss_mb']:.0f}, {marks}")
         if len(result["epochs"]) > 1:
             first, last = result["epochs"][0]["total"], result["epochs"][-1]["total"]

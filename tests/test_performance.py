@@ -66,3 +66,11 @@ def test_report_extrapolates_per_image_costs_to_mit1003():
     assert "1.000 images/s = 7.1x the reference's 0.14" in text
     assert "peak RSS 1900 MB = 0.25 of the reference's 7600 MB" in text
     assert "fit start 1000, epoch 0 training 1500, after validation 1900" in text
+
+
+def test_cpu_stall_counter_never_decreases():
+    common = load_benchmark("common")
+    first = common.cpu_stall_microseconds()
+    if first is None:
+        pytest.skip("this kernel reports no CPU pressure (/proc/pressure/cpu)")
+    assert 0 <= first <= common.cpu_stall_microseconds()
