@@ -156,10 +156,13 @@ def test_uint8_greyscale_and_channels_last_inputs(model):
 
 def test_bf16_autocast_keeps_float32_normalised_output(model):
     image, centerbias, x_hist, y_hist = random_inputs(2, 64, 64, seed=3)
+    with torch.no_grad():
+        reference = model(image, centerbias, x_hist, y_hist)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         density = model.head(model.backbone_features(image), centerbias, x_hist, y_hist)
     assert density.values.dtype == torch.float32
     assert torch.allclose(density.full().exp().sum(dim=(1, 2, 3)), torch.ones(2), atol=1e-5)
+    assert (density.full() - reference).abs().max().item() < 0.1
     density.at(torch.tensor([0]), torch.tensor([5.0]), torch.tensor([7.0])).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)

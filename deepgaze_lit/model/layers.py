@@ -128,50 +128,37 @@ def conv1x1(weight: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.baddbmm(bias.expand(batch, out_channels)[:, :, None], weight, x)
 
 
-class _SoftplusSavingOutput(torch.autograd.Function):
-    """softplus whose backward uses its output (sigmoid(x) = 1 - exp(-softplus(x))), so that the following
-    LayerNorm, which saves the same tensor, and the softplus keep one copy for the backward pass, not two."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        out = F.softplus(x)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (out,) = ctx.saved_tensors
-        slope = torch.neg(out).expm1_().neg_()
-        return slope.mul_(grad)
-
-
-def softplus(x: Tensor) -> Tensor:
-    """`F.softplus` (beta 1, threshold 20) with a backward pass that needs only the output."""
-    return _SoftplusSavingOutput.apply(x)
-
-
 class _SoftplusLayerNormConv(torch.autograd.Function):
     """y = W (gamma * (s - mean) / std + beta) + b with s = softplus(e), LayerNorm statistics per sample over (C, P).
 
-    Equal to softplus -> LayerNorm -> 1x1 conv, but the normalised map is never stored: the affine and 1/std are
-    folded into the convolution weight, and the backward pass needs only s (one (B, C, P) tensor instead of three).
-    Samples flagged `constant` (B,) take x_hat = 0 (the exact LayerNorm of a constant map).
+    Equal to softplus -> LayerNorm -> 1x1 conv, but neither softplus(e) nor the normalised map is kept: the affine
+    and 1/std are folded into the convolution weight, and the backward pass recomputes s from e, so one (B, C, P)
+    tensor is stored instead of three. Samples flagged `constant` (B,) take x_hat = 0 (the exact LayerNorm of a
+    constant map).
     """
 
     @staticmethod
     def forward(ctx, e, gamma, beta, weight, bias, constant):
-        s = F.softplus(e)
-        variance, mean = torch.var_mean(s.to(torch.promote_types(s.dtype, weight.dtype)), dim=(1, 2), correction=0)
-        inv_std = torch.where(constant, 0, torch.rsqrt(variance + LAYER_NORM_EPS))
-        scaled = weight * gamma  # (O, C)
-        slope = scaled[None] * inv_std[:, None, None]  # (B, O, C)
-        offset = (weight @ beta + bias)[None] - (inv_std * mean)[:, None] * scaled.sum(1)[None]  # (B, O)
-        ctx.save_for_backward(s, mean, inv_std, gamma, beta, weight, slope)
-        return torch.baddbmm(offset[:, :, None].to(s.dtype), slope.to(s.dtype), s)
+        batch, channels, positions = e.shape
+        device = e.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else e.dtype
+        with torch.autocast(device, enabled=False):
+            s = F.softplus(e)
+            _, mean, inv_std = torch.native_group_norm(
+                s.to(torch.promote_types(s.dtype, weight.dtype)), None, None, batch, channels, positions, 1,
+                LAYER_NORM_EPS,
+            )  # the statistics of F.group_norm, (B, 1) each
+            mean, inv_std = mean[:, 0], torch.where(constant, 0, inv_std[:, 0])
+            scaled = weight * gamma  # (O, C)
+            slope = scaled[None] * inv_std[:, None, None]  # (B, O, C)
+            offset = (weight @ beta + bias)[None] - (inv_std * mean)[:, None] * scaled.sum(1)[None]  # (B, O)
+            ctx.save_for_backward(e, mean, inv_std, gamma, beta, weight, slope)
+            return torch.baddbmm(offset[:, :, None].to(out_dtype), slope.to(out_dtype), s.to(out_dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        s, mean, inv_std, gamma, beta, weight, slope = ctx.saved_tensors
+        e, mean, inv_std, gamma, beta, weight, slope = ctx.saved_tensors
+        s = F.softplus(e)
         grad = grad.to(s.dtype)
         small = slope.dtype
         count = s.shape[1] * s.shape[2]
@@ -184,20 +171,21 @@ class _SoftplusLayerNormConv(torch.autograd.Function):
         beta_grad = row_sums.sum(0) @ weight
         bias_grad = row_sums.sum(0)
         mean_term = (row_sums @ weight) @ gamma / count  # (B,): mean of d loss / d x_hat
-        x_hat_term = (grad_times_x_hat * (weight * gamma)).sum((1, 2)) / count  # (B,): mean of x_hat * d loss / d x_hat
+        x_hat_term = (grad_times_x_hat * (weight * gamma)).sum((1, 2)) / count  # (B,): mean of x_hat d loss / d x_hat
         offset = inv_std * (inv_std * mean * x_hat_term - mean_term)
         grad_s = torch.baddbmm(
             offset[:, None, None].expand(-1, s.shape[1], 1).to(s.dtype), slope.transpose(1, 2).to(s.dtype), grad
         )
         grad_s.addcmul_(s, (inv_std.square() * x_hat_term)[:, None, None].to(s.dtype), value=-1)
-        grad_e = grad_s.mul_(torch.neg(s).expm1_().neg_())
+        del s
+        grad_e = torch.ops.aten.softplus_backward(grad_s, e, 1.0, 20.0)
         return grad_e, gamma_grad, beta_grad, weight_grad, bias_grad, None
 
 
 def softplus_layer_norm_conv(
     e: Tensor, norm: LayerNorm, weight: Tensor, bias: Tensor, constant: Tensor | None = None
 ) -> Tensor:
-    """conv1x1(weight, norm(softplus(e)), bias) for e (B, C, P) -> (B, O, P), storing only softplus(e) for backward.
+    """conv1x1(weight, norm(softplus(e)), bias) for e (B, C, P) -> (B, O, P), storing only e for the backward pass.
 
     `constant` (B,) bool: samples whose softplus(e) is known to be spatially constant; their normalised map is
     set to exactly 0 (a float LayerNorm of a constant map returns eps-amplified rounding noise instead).

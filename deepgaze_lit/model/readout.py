@@ -11,6 +11,7 @@
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from deepgaze_lit.model.grids import NearestMap
@@ -23,7 +24,6 @@ from deepgaze_lit.model.layers import (
     ScanpathHistoryEncoding,
     conv1x1,
     gaussian_blur,
-    softplus,
     softplus_layer_norm_conv,
 )
 
@@ -54,9 +54,9 @@ class SaliencyNetwork(nn.Module):
         weight = self.conv0.weight.flatten(1)
         folded_weight = weight * self.layernorm0.weight
         folded_bias = weight @ self.layernorm0.bias + self.bias0.bias
-        x = softplus(conv1x1(folded_weight, normalised_features, folded_bias))
-        x = softplus(conv1x1(self.conv1.weight, self.layernorm1(x, cell_weight), self.bias1.bias))
-        return softplus(conv1x1(self.conv2.weight, self.layernorm2(x, cell_weight), self.bias2.bias))
+        x = F.softplus(conv1x1(folded_weight, normalised_features, folded_bias))
+        x = F.softplus(conv1x1(self.conv1.weight, self.layernorm1(x, cell_weight), self.bias1.bias))
+        return F.softplus(conv1x1(self.conv2.weight, self.layernorm2(x, cell_weight), self.bias2.bias))
 
 
 class ScanpathNetwork(nn.Module):
@@ -78,7 +78,7 @@ class ScanpathNetwork(nn.Module):
         x = self.encoding0(encoding, valid)
         without_history = ~valid.any(dim=1)
         x = softplus_layer_norm_conv(x, self.layernorm1, self.conv1.weight, self.bias1.bias, without_history)
-        return softplus(x)
+        return F.softplus(x)
 
 
 class FixationSelectionNetwork(nn.Module):
@@ -114,8 +114,8 @@ class FixationSelectionNetwork(nn.Module):
         if cell_weight is None:
             x = softplus_layer_norm_conv(x, self.layernorm1, self.conv1.weight, self.bias1.bias)
         else:
-            x = conv1x1(self.conv1.weight, self.layernorm1(softplus(x), cell_weight), self.bias1.bias)
-        return conv1x1(self.conv2.weight, softplus(x))
+            x = conv1x1(self.conv1.weight, self.layernorm1(F.softplus(x), cell_weight), self.bias1.bias)
+        return conv1x1(self.conv2.weight, F.softplus(x))
 
 
 class Finalizer(nn.Module):
