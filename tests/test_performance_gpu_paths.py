@@ -46,7 +46,6 @@ def fit(network: DeepGazeModule, accelerator: str = "cpu", precision: str = "32"
     return losses.losses
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bf16_mixed_precision_trains_close_to_float32():
     reference = fit(module())
