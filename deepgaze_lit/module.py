@@ -150,6 +150,7 @@ class DeepGazeModule(L.LightningModule):
         self._backbone_fingerprint = BackboneFingerprint(self.model.features)
         self._data_fingerprints: dict[str, str] = {}
         self._true_log_densities: Optional[list] = None
+        self._reference_results: Optional[dict[str, dict[str, float]]] = None
 
     def _initialise_from(self, path: str, component: Optional[int]) -> None:
         """Load the weights of `path` that fit (non-strict) and print the key report."""
@@ -304,6 +305,7 @@ class DeepGazeModule(L.LightningModule):
                 for source in sources
             }
         ).to(self.device)
+        self._reference_results = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._evaluation_step(batch, "validate")
@@ -322,6 +324,8 @@ class DeepGazeModule(L.LightningModule):
         log_density = block.full().float()
         fixations = (batch["fix_batch"], batch["fix_x"], batch["fix_y"], batch["image_index"], batch["weight"])
         self.evaluation_metrics["model"].update(log_density, *fixations)
+        if self._reference_results is not None:
+            return {"log_density": log_density}
         self.evaluation_metrics["centerbias"].update(batch["centerbias"], *fixations)
         if "gold" in self.evaluation_metrics:
             true_log_density = torch.stack(
@@ -345,8 +349,20 @@ class DeepGazeModule(L.LightningModule):
         """Zero the accumulators at the START of an evaluation, under that evaluation's grad mode: states zeroed
         under `deepgaze validate`'s inference mode could not be updated later by fit's validation."""
         self.eval_loss.reset()
-        for metrics in self.evaluation_metrics.values():
-            metrics.reset()
+        for source, metrics in self.evaluation_metrics.items():
+            if source == "model" or self._reference_results is None:
+                metrics.reset()
+
+    def _compute_reference_results(self) -> dict[str, dict[str, float]]:
+        """Metrics of the centre bias and (synthetic data) the true density. They do not depend on the model, so
+        after the first complete evaluation of the split they are kept and not accumulated again (the sanity
+        check's partial pass is not kept)."""
+        results = {
+            source: metrics.compute() for source, metrics in self.evaluation_metrics.items() if source != "model"
+        }
+        if not self.trainer.sanity_checking:
+            self._reference_results = results
+        return results
 
     def on_validation_epoch_end(self) -> None:
         self._finish_evaluation("val")
@@ -357,7 +373,8 @@ class DeepGazeModule(L.LightningModule):
     def _finish_evaluation(self, split: str) -> None:
         """Log `<split>/loss` and the metrics; after `deepgaze validate|test` (not during fit), write the report
         into the logger's run folder and print its table."""
-        results = {source: metrics.compute() for source, metrics in self.evaluation_metrics.items()}
+        results = {"model": self.evaluation_metrics["model"].compute()}
+        results.update(self._reference_results or self._compute_reference_results())
         loss = self.eval_loss.compute()
         scalars = evaluation_scalars(results, float(loss))
         for name, value in scalars.items():
