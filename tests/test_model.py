@@ -12,6 +12,7 @@ import torchvision
 from deepgaze_lit import DeepGazeIII
 from deepgaze_lit.model import MIN_IMAGE_SIDE, imagenet_weights_path
 from deepgaze_lit.model.backbone import backbone_output_side
+from deepgaze_lit.model.deepgaze3 import distinct_histories
 from deepgaze_lit.model.grids import NearestMap
 
 DATA = Path(__file__).parent / "data"
@@ -177,6 +178,20 @@ def test_batch_without_any_history(model, history):
         log_density = model(image, centerbias, *args)
     assert torch.isfinite(log_density).all()
     assert torch.allclose(log_density.exp().sum(dim=(1, 2, 3)), torch.ones(2), atol=1e-5)
+
+
+def test_distinct_histories_share_rows_of_equal_histories():
+    """Equal histories (missing slots equal whatever coordinate is left) map to one row, in the right order."""
+    nan = float("nan")
+    x_hist = torch.tensor([[5.0, nan, nan, nan], [7.0, 1.0, nan, nan], [5.0, 3.0, nan, nan], [5.0, nan, 2.0, nan]])
+    y_hist = torch.tensor([[6.0, nan, nan, nan], [8.0, 2.0, nan, nan], [6.0, nan, nan, nan], [6.0, nan, nan, 9.0]])
+    x_distinct, y_distinct, row = distinct_histories(x_hist, y_hist)
+    assert x_distinct.shape == (2, 4)
+    assert row[0] == row[2] == row[3] != row[1]
+    expected_x = torch.tensor([[5.0, nan, nan, nan], [7.0, 1.0, nan, nan]])
+    expected_y = torch.tensor([[6.0, nan, nan, nan], [8.0, 2.0, nan, nan]])
+    assert torch.equal(x_distinct[row[[0, 1]]].nan_to_num(-1), expected_x.nan_to_num(-1))
+    assert torch.equal(y_distinct[row[[0, 1]]].nan_to_num(-1), expected_y.nan_to_num(-1))
 
 
 def test_block_log_density_lookup_and_entropy(model):

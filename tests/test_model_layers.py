@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepgaze_lit.model.layers import LayerNorm, conv1x1, gaussian_blur, softplus_layer_norm_conv
+from deepgaze_lit.model import layers
+from deepgaze_lit.model.layers import (
+    LayerNorm,
+    conv1x1,
+    conv_softplus_layer_norm_conv,
+    gaussian_blur,
+    softplus,
+    softplus_values,
+)
 
 
 def random_layer_norm(channels, generator):
@@ -18,31 +26,59 @@ def random_layer_norm(channels, generator):
     return norm
 
 
-def test_fused_softplus_layer_norm_conv_equals_composition():
+@pytest.mark.parametrize("chunk_positions", [None, 4])
+def test_fused_conv_softplus_layer_norm_conv_equals_composition(chunk_positions, monkeypatch):
+    """One chunk of positions, and chunks of 4, 4 and 3 positions (statistics merged across chunks)."""
+    if chunk_positions is not None:
+        monkeypatch.setattr(layers, "CPU_CHUNK_ELEMENTS", 6 * chunk_positions)
     generator = torch.Generator().manual_seed(0)
     norm = random_layer_norm(6, generator)
+    x = torch.randn(3, 2, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    in_weight = (2 * torch.randn(6, 2, generator=generator, dtype=torch.float64)).requires_grad_()
+    in_bias = torch.randn(3, 6, generator=generator, dtype=torch.float64, requires_grad=True)  # per sample
     weight = torch.randn(4, 6, 1, 1, generator=generator, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
-    e = (3 * torch.randn(3, 6, 11, generator=generator, dtype=torch.float64)).requires_grad_()
     grad = torch.randn(3, 4, 11, generator=generator, dtype=torch.float64)
-    parameters = [e, norm.weight, norm.bias, weight, bias]
+    parameters = [x, in_weight, in_bias, norm.weight, norm.bias, weight, bias]
 
-    fused = softplus_layer_norm_conv(e, norm, weight, bias)
+    fused = conv_softplus_layer_norm_conv(x, in_weight, in_bias, norm, weight, bias)
     fused_grads = torch.autograd.grad(fused, parameters, grad)
-    plain = conv1x1(weight, F.group_norm(F.softplus(e), 1, norm.weight, norm.bias, 1e-12), bias)
+    hidden = F.softplus(conv1x1(in_weight, x, in_bias))
+    plain = conv1x1(weight, F.group_norm(hidden, 1, norm.weight, norm.bias, 1e-12), bias)
     plain_grads = torch.autograd.grad(plain, parameters, grad)
     assert torch.allclose(fused, plain, atol=1e-12)
     for mine, expected in zip(fused_grads, plain_grads):
         assert torch.allclose(mine, expected, atol=1e-10)
 
-    def with_sample_1_constant(e, gamma, beta, weight, bias):
+    def with_sample_1_constant(x, in_weight, in_bias, gamma, beta, weight, bias):
         layer = SimpleNamespace(weight=gamma, bias=beta)
-        return softplus_layer_norm_conv(e, layer, weight, bias, torch.tensor([False, True, False]))
+        constant = torch.tensor([False, True, False])
+        return conv_softplus_layer_norm_conv(x, in_weight, in_bias, layer, weight, bias, constant)
 
     assert torch.autograd.gradcheck(with_sample_1_constant, parameters)
     constant_output = with_sample_1_constant(*parameters)[1]
     expected = weight.flatten(1) @ norm.bias + bias
     assert torch.allclose(constant_output, expected[:, None].expand(4, 11), atol=1e-12)
+    shared_bias = in_bias[0].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda b: conv_softplus_layer_norm_conv(x, in_weight, b, norm, weight, bias), [shared_bias]
+    )
+
+
+def test_float32_cpu_softplus_matches_float64_within_rounding():
+    """The vectorised float32 formula against float64 F.softplus over the whole range, the threshold and the
+    underflow clamp included; the gradient is F.softplus's."""
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([0.0, -80.0, -80.5, 20.0, 20.001, 1e-6, -1e-6])])
+    exact = F.softplus(x.double())
+    values = softplus_values(x).double()
+    above_clamp = x > -80
+    assert ((values - exact).abs() / exact)[above_clamp].max() < 3e-7
+    assert torch.all(values[~above_clamp] == torch.tensor(-80.0).exp())
+    assert torch.equal(values[x > 20], x[x > 20].double())
+    x.requires_grad_()
+    (gradient,) = torch.autograd.grad(softplus(x).sum(), x)
+    (expected,) = torch.autograd.grad(F.softplus(x).sum(), x)
+    assert torch.equal(gradient, expected)
 
 
 def reference_blur(x, sigma, truncate=3.0):

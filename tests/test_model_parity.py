@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deepgaze_lit import DeepGazeIII
+from deepgaze_lit.model import layers
 from naive_deepgaze import NaiveDeepGazeIII, randomise_readout
 
 FEATURE_GRID = (3, 4)  # what the backbone returns for ~200x260 images; the head accepts any grid
@@ -18,6 +19,7 @@ HEAD_CASES = [
     (10, True, 100, 140, "mixed"),
     (10, True, 76, 120, "one_without"),
     (10, True, 130, 97, "all_nan"),
+    (10, True, 100, 140, "shared"),
     (1, True, 64, 64, "one_without"),
     (1, True, 100, 140, "all_nan"),
     (1, True, 130, 97, "mixed"),
@@ -54,6 +56,9 @@ def head_inputs(height, width, history, dtype, seed):
     y_hist = torch.rand(2, 4, generator=generator, dtype=torch.float64) * (height + 20) - 10
     if history == "mixed":
         x_hist[1, 2:] = y_hist[1, 2:] = float("nan")
+    elif history == "shared":
+        x_hist[:, 2:] = y_hist[:, 2:] = float("nan")
+        x_hist[1], y_hist[1] = x_hist[0], y_hist[0]
     elif history == "one_without":
         x_hist[1] = y_hist[1] = float("nan")
     else:
@@ -85,14 +90,18 @@ def run_both(fast, naive, inputs):
 
 
 @pytest.mark.parametrize("components, scanpath, height, width, history", HEAD_CASES)
-def test_head_equals_naive_oracle(components, scanpath, height, width, history):
-    """mixed: every sample has 2-4 history slots; one_without: sample 1 has none; all_nan: no sample has any.
+def test_head_equals_naive_oracle(components, scanpath, height, width, history, monkeypatch):
+    """mixed: every sample has 2-4 history slots; one_without: sample 1 has none; all_nan: no sample has any;
+    shared: both samples have the same 2-slot history (one scanpath evaluation for both), and the wide hidden maps
+    are computed in chunks of 50 positions (the readout grid has 13 x 18).
 
     Without history the oracle, like the reference, takes the LayerNorm of a constant map, which in float32 returns
     eps-amplified rounding noise (up to ~1e-2 nats); the optimised network returns the exact value. So the float32
     network is compared with the float64 oracle in every case, with the float32 oracle only when every sample has
     history.
     """
+    if history == "shared":
+        monkeypatch.setattr(layers, "CPU_CHUNK_ELEMENTS", 128 * 50)
     pair = model_pair(components, scanpath)
     fast32, naive32 = pair[torch.float32]
     fast64, naive64 = pair[torch.float64]
@@ -103,7 +112,7 @@ def test_head_equals_naive_oracle(components, scanpath, height, width, history):
     assert out_fast.shape == (2, 1, height, width)
     out_exact, _, _ = run_both(fast64, naive64, inputs64)
     assert (out_fast - out_exact.float()).abs().max().item() < 1e-4
-    if history == "mixed":
+    if history in ("mixed", "shared"):
         assert (out_fast - out_naive).abs().max().item() < 1e-4
         flat_fast = torch.cat([g.flatten() for g, _ in gradients.values()])
         flat_naive = torch.cat([g.flatten() for _, g in gradients.values()])

@@ -4,9 +4,10 @@ DenseNet-201, and its output on the finalizer grid (`BlockLogDensity`).
 The computation is the reference's, sized to what the output needs: the 1x1-convolution saliency path runs on the
 backbone's native grid (LayerNorm statistics weighted by how often nearest upsampling copies each cell; the
 2048-channel statistics computed once for all components), the scanpath encoding is computed only at the
-readout-grid sample positions, components run one after the other on the readout grid (small working set), and the
-finalizer and the mixture run on the finalizer grid, normalised over the full image with the block sizes as
-weights.
+readout-grid sample positions and once per distinct history of the batch, components run one after the other on
+the readout grid, their 128-channel hidden maps never held whole (`layers.conv_softplus_layer_norm_conv`: small
+working set, little kept for the backward pass), and the finalizer and the mixture run on the finalizer grid,
+normalised over the full image with the block sizes as weights.
 """
 
 import math
@@ -74,6 +75,20 @@ class BlockLogDensity:
         values = self.values[:, 0]
         p_log_p = torch.where(torch.isfinite(values), values.exp() * values, 0)
         return -(self.cell_sizes() * p_log_p).sum(dim=(-2, -1))
+
+
+def distinct_histories(x_hist: Tensor, y_hist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The distinct rows of a batch's histories (B, 4) (pixels, NaN = missing) and, for each sample, the index
+    (B,) of its row among them. Slots count as equal when both are missing, so samples with the same history (the
+    dummy central history of a batch of one image size, or none) share one scanpath-network evaluation.
+    """
+    present = torch.isfinite(x_hist) & torch.isfinite(y_hist)
+    key = torch.cat([torch.where(present, x_hist, torch.inf), torch.where(present, y_hist, torch.inf)], dim=1)
+    distinct, row = torch.unique(key, dim=0, return_inverse=True)
+    missing = torch.isinf(distinct)
+    distinct = distinct.masked_fill(missing, torch.nan)
+    slots = x_hist.shape[1]
+    return distinct[:, :slots], distinct[:, slots:], row
 
 
 class DeepGazeIII(nn.Module):
@@ -167,7 +182,9 @@ class DeepGazeIII(nn.Module):
         readout_to_grid = NearestMap.to_size(readout, image_to_grid.out_shape, device)
         if self.scanpath:
             x_hist, y_hist = self._history(x_hist, y_hist, batch, dtype, device)
-            encoding, valid = scanpath_encoding(x_hist, y_hist, NearestMap.to_size(image_shape, readout, device))
+            x_distinct, y_distinct, history_row = distinct_histories(x_hist, y_hist)
+            image_to_readout = NearestMap.to_size(image_shape, readout, device)
+            encoding, valid = scanpath_encoding(x_distinct, y_distinct, image_to_readout)
             to_grid = readout_to_grid
         else:
             to_grid = readout_to_grid.after(native_to_readout)
@@ -178,7 +195,7 @@ class DeepGazeIII(nn.Module):
             selection = self.fixation_selection_networks[component]
             saliency = selection.normalise_saliency(saliency, cell_weight)
             if self.scanpath:
-                history = self.scanpath_networks[component](encoding, valid)
+                history = self.scanpath_networks[component](encoding, valid)[history_row]
                 readouts.append(selection(native_to_readout.apply_flat(saliency), history))
             else:
                 readouts.append(selection(saliency, None, cell_weight))

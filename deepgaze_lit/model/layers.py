@@ -89,18 +89,16 @@ class ScanpathHistoryEncoding(nn.Module):
             nn.Conv2d(channels_per_fixation, out_channels, 1) for _ in range(in_fixations)
         )
 
-    def forward(self, encoding: Tensor, valid: Tensor) -> Tensor:
-        """encoding (B, 3 * slots, P) [dx0.., dy0.., d0..] pixels, 0 for missing slots; valid (B, slots) bool.
-
-        Returns (B, out_channels, P); a missing slot contributes exactly 0, its bias included. Computed in float32
-        or better (autocast off): the inputs are raw pixel offsets.
-        """
+    def affine(self, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """The slots' convolutions as one 1x1 convolution on the encoding (B, 3 * slots, P) [dx0.., dy0.., d0..]
+        (pixels, 0 for missing slots): weight (out_channels, 3 * slots) and per-sample bias (B, out_channels), the
+        sum of the present slots' biases (valid (B, slots) bool), so a missing slot contributes exactly 0. In the
+        parameters' precision (autocast off): the encoding holds raw pixel offsets."""
         slots = len(self.convolutions)
         weight = torch.stack([conv.weight.flatten(1) for conv in self.convolutions], dim=-1)  # (out, 3, slots)
         bias = torch.stack([conv.bias for conv in self.convolutions])  # (slots, out)
-        with torch.autocast(encoding.device.type, enabled=False):
-            weight = weight.reshape(-1, 3 * slots).to(encoding.dtype)
-            return conv1x1(weight, encoding, valid.to(encoding.dtype) @ bias.to(encoding.dtype))
+        with torch.autocast(valid.device.type, enabled=False):
+            return weight.reshape(-1, 3 * slots), valid.to(bias.dtype) @ bias
 
 
 class GaussianBlur(nn.Module):
@@ -128,43 +126,98 @@ def conv1x1(weight: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.baddbmm(bias.expand(batch, out_channels)[:, :, None], weight, x)
 
 
-class _SoftplusLayerNormConv(torch.autograd.Function):
-    """y = W (gamma * (s - mean) / std + beta) + b with s = softplus(e), LayerNorm statistics per sample over (C, P).
+SOFTPLUS_THRESHOLD = 20.0
+"""Above this input softplus returns its input (`F.softplus`'s default threshold)."""
 
-    Equal to softplus -> LayerNorm -> 1x1 conv, but neither softplus(e) nor the normalised map is kept: the affine
-    and 1/std are folded into the convolution weight, and the backward pass recomputes s from e, so one (B, C, P)
-    tensor is stored instead of three. Samples flagged `constant` (B,) take x_hat = 0 (the exact LayerNorm of a
-    constant map).
+
+def softplus_values(x: Tensor) -> Tensor:
+    """F.softplus(x) (beta 1, threshold 20) without autograd.
+
+    float32 on the CPU is computed as relu(x) + log1p(exp(-|x|)) from vectorised exp and log, log1p(u) taken as
+    log(1 + u) + (u - ((1 + u) - 1)) / (1 + u) (within 2e-7 relative of float64; torch's float32 CPU softplus and
+    log1p are scalar loops, 2.7x slower). Inputs below -80 give exp(-80) = 1.8e-35 instead of an underflowing exp(x)
+    (denormals are slow). Other devices and dtypes use F.softplus.
     """
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.softplus(x)
+    u = x.abs().neg_().clamp_(min=-80.0).exp_()
+    w = u + 1
+    correction = (w - 1).neg_().add_(u).div_(w)
+    return w.log_().add_(correction).add_(x.clamp(min=0))
+
+
+class _Softplus(torch.autograd.Function):
+    """`softplus_values` with F.softplus's gradient; stores the input only."""
 
     @staticmethod
-    def forward(ctx, e, gamma, beta, weight, bias, constant):
-        batch, channels, positions = e.shape
-        device = e.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else e.dtype
-        with torch.autocast(device, enabled=False):
-            s = F.softplus(e)
-            _, mean, inv_std = torch.native_group_norm(
-                s.to(torch.promote_types(s.dtype, weight.dtype)), None, None, batch, channels, positions, 1,
-                LAYER_NORM_EPS,
-            )  # the statistics of F.group_norm, (B, 1) each
-            mean, inv_std = mean[:, 0], torch.where(constant, 0, inv_std[:, 0])
-            scaled = weight * gamma  # (O, C)
-            slope = scaled[None] * inv_std[:, None, None]  # (B, O, C)
-            offset = (weight @ beta + bias)[None] - (inv_std * mean)[:, None] * scaled.sum(1)[None]  # (B, O)
-            ctx.save_for_backward(e, mean, inv_std, gamma, beta, weight, slope)
-            return torch.baddbmm(offset[:, :, None].to(out_dtype), slope.to(out_dtype), s.to(out_dtype))
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return softplus_values(x)
 
     @staticmethod
     def backward(ctx, grad):
-        e, mean, inv_std, gamma, beta, weight, slope = ctx.saved_tensors
-        s = F.softplus(e)
-        grad = grad.to(s.dtype)
-        small = slope.dtype
-        count = s.shape[1] * s.shape[2]
-        row_sums = grad.sum(2, dtype=small)  # (B, O)
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.softplus_backward(grad, x, 1.0, SOFTPLUS_THRESHOLD)
+
+
+def softplus(x: Tensor) -> Tensor:
+    """F.softplus (beta 1, threshold 20), faster in float32 on the CPU (`softplus_values`)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.softplus(x)
+    return _Softplus.apply(x)
+
+
+CPU_CHUNK_ELEMENTS = 2**17
+"""Elements per sample of the wide hidden map computed at a time on the CPU (0.5 MiB in float32: a batch of 2 stays
+in cache, and no large temporary reaches the allocator)."""
+
+
+class _ConvSoftplusLayerNormConv(torch.autograd.Function):
+    """y = W (gamma * (s - mean) / std + beta) + b with s = softplus(e), e = V x + c, LayerNorm statistics per
+    sample over (C, P).
+
+    Equal to 1x1 conv -> softplus -> LayerNorm -> 1x1 conv, but the wide hidden map e / s is never held whole: it is
+    computed in chunks of positions (one chunk off the CPU), reduced to its statistics (merged per chunk, float64)
+    and to W gamma s, and the backward pass recomputes it from the narrow input x (two passes: one for the
+    statistics of the gradient, one for the input gradients). Samples flagged `constant` (B,) take x_hat = 0 (the
+    exact LayerNorm of a constant map). Computed in the parameters' precision (at least float32) with autocast off;
+    under autocast the output is cast to the autocast dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, in_weight, in_bias, gamma, beta, weight, bias, constant):
+        device = x.device.type
+        autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device, enabled=False):
+            hidden = _HiddenMap(x, in_weight, in_bias)
+            scaled = (weight * gamma).expand(x.shape[0], -1, -1)  # (B, O, C)
+            projected = x.new_empty((x.shape[0], weight.shape[0], x.shape[2]), dtype=weight.dtype)
+            statistics = _RunningMoments(x.shape[0], x.device)
+            for positions in hidden.chunks():
+                s = softplus_values(hidden.pre_activation(positions))
+                statistics.add(s)
+                projected[:, :, positions] = torch.bmm(scaled, s)
+            mean, inv_std = statistics.mean_and_inv_std(weight.dtype)
+            inv_std = torch.where(constant, 0, inv_std)
+            offset = (weight @ beta + bias)[None] - (inv_std * mean)[:, None] * scaled[0].sum(1)[None]  # (B, O)
+            ctx.save_for_backward(x, in_weight, in_bias, mean, inv_std, gamma, beta, weight)
+            output = projected.mul_(inv_std[:, None, None]).add_(offset[:, :, None])
+        return output if autocast_dtype is None else output.to(autocast_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, in_weight, in_bias, mean, inv_std, gamma, beta, weight = ctx.saved_tensors
+        hidden = _HiddenMap(x, in_weight, in_bias)
+        grad = grad.to(weight.dtype)
+        batch = x.shape[0]
+        grad_times_s = grad.new_zeros(batch, weight.shape[0], in_weight.shape[0])  # (B, O, C)
+        for positions in hidden.chunks():
+            s = softplus_values(hidden.pre_activation(positions))
+            grad_times_s.baddbmm_(grad[:, :, positions], s.transpose(1, 2))
+        count = in_weight.shape[0] * x.shape[2]
+        row_sums = grad.sum(2)  # (B, O)
         grad_times_x_hat = inv_std[:, None, None] * (
-            torch.bmm(grad, s.transpose(1, 2)).to(small) - row_sums[:, :, None] * mean[:, None, None]
+            grad_times_s - row_sums[:, :, None] * mean[:, None, None]
         )  # (B, O, C): sum over positions of grad * x_hat
         weight_grad = (grad_times_x_hat * gamma).sum(0) + row_sums.sum(0)[:, None] * beta
         gamma_grad = (grad_times_x_hat * weight).sum((0, 1))
@@ -172,27 +225,98 @@ class _SoftplusLayerNormConv(torch.autograd.Function):
         bias_grad = row_sums.sum(0)
         mean_term = (row_sums @ weight) @ gamma / count  # (B,): mean of d loss / d x_hat
         x_hat_term = (grad_times_x_hat * (weight * gamma)).sum((1, 2)) / count  # (B,): mean of x_hat d loss / d x_hat
-        offset = inv_std * (inv_std * mean * x_hat_term - mean_term)
-        grad_s = torch.baddbmm(
-            offset[:, None, None].expand(-1, s.shape[1], 1).to(s.dtype), slope.transpose(1, 2).to(s.dtype), grad
-        )
-        grad_s.addcmul_(s, (inv_std.square() * x_hat_term)[:, None, None].to(s.dtype), value=-1)
-        del s
-        grad_e = torch.ops.aten.softplus_backward(grad_s, e, 1.0, 20.0)
-        return grad_e, gamma_grad, beta_grad, weight_grad, bias_grad, None
+        grad_s_offset = (inv_std * (inv_std * mean * x_hat_term - mean_term))[:, None, None]
+        grad_s_scale = (inv_std.square() * x_hat_term)[:, None, None]
+        grad_s_slope = ((weight * gamma)[None] * inv_std[:, None, None]).transpose(1, 2)  # (B, C, O)
+        in_weight_t = in_weight.t().expand(batch, -1, -1)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        in_weight_grad = grad.new_zeros(batch, *in_weight.shape)
+        in_bias_grad = grad.new_zeros(batch, in_weight.shape[0])
+        for positions in hidden.chunks():
+            e = hidden.pre_activation(positions)
+            grad_s = torch.baddbmm(grad_s_offset, grad_s_slope, grad[:, :, positions])
+            grad_s.addcmul_(softplus_values(e), grad_s_scale, value=-1)
+            grad_e = torch.ops.aten.softplus_backward(grad_s, e, 1.0, SOFTPLUS_THRESHOLD)
+            if grad_x is not None:
+                grad_x[:, :, positions] = torch.bmm(in_weight_t, grad_e)
+            in_weight_grad.baddbmm_(grad_e, hidden.input(positions).transpose(1, 2))
+            in_bias_grad += grad_e.sum(2)
+        in_bias_grad = in_bias_grad.sum(0) if in_bias.dim() == 1 else in_bias_grad
+        return grad_x, in_weight_grad.sum(0), in_bias_grad, gamma_grad, beta_grad, weight_grad, bias_grad, None
 
 
-def softplus_layer_norm_conv(
-    e: Tensor, norm: LayerNorm, weight: Tensor, bias: Tensor, constant: Tensor | None = None
+class _HiddenMap:
+    """e = conv1x1(weight, x, bias) of x (B, C, P), weight (H, C), bias (H,) or (B, H), computed a chunk of
+    positions at a time in the weight's precision."""
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Tensor):
+        batch, channels, positions = x.shape
+        self.x = x
+        self.weight = weight.expand(batch, -1, -1)
+        self.bias = bias.expand(batch, -1)[:, :, None]
+        if x.device.type == "cpu":
+            self.chunk = max(1, CPU_CHUNK_ELEMENTS // weight.shape[0])
+        else:
+            self.chunk = positions
+
+    def chunks(self) -> list[slice]:
+        return [slice(start, start + self.chunk) for start in range(0, self.x.shape[2], self.chunk)]
+
+    def input(self, positions: slice) -> Tensor:
+        return self.x[:, :, positions].to(self.weight.dtype)
+
+    def pre_activation(self, positions: slice) -> Tensor:
+        """(B, H, len(positions))."""
+        return torch.baddbmm(self.bias, self.weight, self.input(positions))
+
+
+class _RunningMoments:
+    """Per-sample mean and variance over (C, P) of maps given in chunks of positions, merged in float64 (Chan et
+    al.'s pairwise update; each chunk's squares are summed around its own mean, so no large-mean cancellation)."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.count = 0
+        self.mean = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.sum_squares = torch.zeros(batch, dtype=torch.float64, device=device)
+
+    def add(self, values: Tensor) -> None:
+        """values (B, C, n): the next chunk."""
+        mean = values.mean((1, 2))
+        sum_squares = torch.linalg.vector_norm(values - mean[:, None, None], dim=(1, 2)).double().square()
+        count = values.shape[1] * values.shape[2]
+        total = self.count + count
+        delta = mean.double() - self.mean
+        self.mean += delta * (count / total)
+        self.sum_squares += sum_squares + delta.square() * (self.count * count / total)
+        self.count = total
+
+    def mean_and_inv_std(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(B,) mean and 1 / sqrt(variance + eps), in `dtype`."""
+        variance = self.sum_squares / self.count
+        return self.mean.to(dtype), torch.rsqrt(variance + LAYER_NORM_EPS).to(dtype)
+
+
+def conv_softplus_layer_norm_conv(
+    x: Tensor,
+    in_weight: Tensor,
+    in_bias: Tensor,
+    norm: LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    constant: Tensor | None = None,
 ) -> Tensor:
-    """conv1x1(weight, norm(softplus(e)), bias) for e (B, C, P) -> (B, O, P), storing only e for the backward pass.
+    """conv1x1(weight, norm(softplus(conv1x1(in_weight, x, in_bias))), bias): x (B, C, P) -> (B, O, P), storing only
+    the narrow input x (and per-sample statistics) for the backward pass, not the wide hidden map.
 
-    `constant` (B,) bool: samples whose softplus(e) is known to be spatially constant; their normalised map is
-    set to exactly 0 (a float LayerNorm of a constant map returns eps-amplified rounding noise instead).
+    in_weight (H, C), in_bias (H,) or (B, H), weight (O, H) (or conv weights), bias (O,). `constant` (B,) bool:
+    samples whose hidden map is known to be spatially constant; their normalised map is set to exactly 0 (a float
+    LayerNorm of a constant map returns eps-amplified rounding noise instead).
     """
     if constant is None:
-        constant = torch.zeros(e.shape[0], dtype=torch.bool, device=e.device)
-    return _SoftplusLayerNormConv.apply(e, norm.weight, norm.bias, weight.flatten(1), bias, constant)
+        constant = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    return _ConvSoftplusLayerNormConv.apply(
+        x, in_weight.flatten(1), in_bias, norm.weight, norm.bias, weight.flatten(1), bias, constant
+    )
 
 
 def _blur_matrices(kernel: Tensor, radius: int, size: int) -> Tensor:

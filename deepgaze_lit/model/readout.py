@@ -11,7 +11,6 @@
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from deepgaze_lit.model.grids import NearestMap
@@ -23,8 +22,9 @@ from deepgaze_lit.model.layers import (
     MultiInputLayerNorm,
     ScanpathHistoryEncoding,
     conv1x1,
+    conv_softplus_layer_norm_conv,
     gaussian_blur,
-    softplus_layer_norm_conv,
+    softplus,
 )
 
 FEATURE_CHANNELS = 2048
@@ -54,9 +54,9 @@ class SaliencyNetwork(nn.Module):
         weight = self.conv0.weight.flatten(1)
         folded_weight = weight * self.layernorm0.weight
         folded_bias = weight @ self.layernorm0.bias + self.bias0.bias
-        x = F.softplus(conv1x1(folded_weight, normalised_features, folded_bias))
-        x = F.softplus(conv1x1(self.conv1.weight, self.layernorm1(x, cell_weight), self.bias1.bias))
-        return F.softplus(conv1x1(self.conv2.weight, self.layernorm2(x, cell_weight), self.bias2.bias))
+        x = softplus(conv1x1(folded_weight, normalised_features, folded_bias))
+        x = softplus(conv1x1(self.conv1.weight, self.layernorm1(x, cell_weight), self.bias1.bias))
+        return softplus(conv1x1(self.conv2.weight, self.layernorm2(x, cell_weight), self.bias2.bias))
 
 
 class ScanpathNetwork(nn.Module):
@@ -75,10 +75,12 @@ class ScanpathNetwork(nn.Module):
         A sample without any history has a constant softplus(0) map, whose LayerNorm is exactly its bias: it is set
         so explicitly, so that no eps-amplified rounding noise reaches the output or the LayerNorm weight's gradient.
         """
-        x = self.encoding0(encoding, valid)
+        in_weight, in_bias = self.encoding0.affine(valid)
         without_history = ~valid.any(dim=1)
-        x = softplus_layer_norm_conv(x, self.layernorm1, self.conv1.weight, self.bias1.bias, without_history)
-        return F.softplus(x)
+        x = conv_softplus_layer_norm_conv(
+            encoding, in_weight, in_bias, self.layernorm1, self.conv1.weight, self.bias1.bias, without_history
+        )
+        return softplus(x)
 
 
 class FixationSelectionNetwork(nn.Module):
@@ -110,12 +112,14 @@ class FixationSelectionNetwork(nn.Module):
         if scanpath is not None:
             x = torch.cat([x, self.layernorm0.layernorm_part1(scanpath, cell_weight)], dim=1)
             weight = torch.cat([weight, self.conv0.conv_part1.weight.flatten(1)], dim=1)
-        x = conv1x1(weight, x, self.bias0.bias)
         if cell_weight is None:
-            x = softplus_layer_norm_conv(x, self.layernorm1, self.conv1.weight, self.bias1.bias)
+            x = conv_softplus_layer_norm_conv(
+                x, weight, self.bias0.bias, self.layernorm1, self.conv1.weight, self.bias1.bias
+            )
         else:
-            x = conv1x1(self.conv1.weight, self.layernorm1(F.softplus(x), cell_weight), self.bias1.bias)
-        return conv1x1(self.conv2.weight, F.softplus(x))
+            x = softplus(conv1x1(weight, x, self.bias0.bias))
+            x = conv1x1(self.conv1.weight, self.layernorm1(x, cell_weight), self.bias1.bias)
+        return conv1x1(self.conv2.weight, softplus(x))
 
 
 class Finalizer(nn.Module):
