@@ -22,8 +22,9 @@ when a new entry needs room.
 
 Exactness: when any image of a batch is missing, the whole batch goes through the backbone, exactly as without
 the cache, so the features of that batch are bit-identical to the uncached ones. Batches served from the cache
-are bit-identical to the uncached computation when the image was first computed in a batch of the same size (the
-CPU backbone's rounding can depend on the batch size, ~1e-5 relative). The cache assumes no random augmentation:
+are bit-identical to the uncached computation on the CPU (the backbone runs one image at a time there); on a GPU
+when the image was first computed in a batch of the same size (the rounding of batched convolutions can depend on
+the batch size, ~1e-5 relative). The cache assumes no random augmentation:
 with augmented images an image's features are not a function of its index, and the cache must stay off.
 """
 

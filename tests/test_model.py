@@ -140,6 +140,15 @@ def test_backbone_stays_frozen_in_train_mode(model):
     model.eval()
 
 
+def test_cpu_backbone_features_do_not_depend_on_the_batch(model):
+    """One image at a time on the CPU: an image's features are bitwise the same alone and within any batch."""
+    image, _, _, _ = random_inputs(3, 96, 128, seed=8)
+    batched = model.backbone_features(image)
+    for index in range(3):
+        assert torch.equal(batched[index : index + 1], model.backbone_features(image[index : index + 1]))
+    assert torch.equal(model.backbone_features(image[[2, 0]]), batched[[2, 0]])
+
+
 def test_uint8_greyscale_and_channels_last_inputs(model):
     image, centerbias, x_hist, y_hist = random_inputs(2, 64, 72, seed=2)
     with torch.no_grad():

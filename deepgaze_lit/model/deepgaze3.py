@@ -146,7 +146,9 @@ class DeepGazeIII(nn.Module):
     def backbone_features(self, image: Tensor) -> Tensor:
         """Frozen backbone features: image (B, 3 or 1, H, W) RGB 0..255 (float or uint8) -> (B, 2048, h32, w32).
 
-        The image is subsampled by 2 (nearest) and passed through DenseNet-201 (stride 32) without gradient.
+        The image is subsampled by 2 (nearest) and passed through DenseNet-201 (stride 32) without gradient. On the
+        CPU one image at a time: the same speed, a third less peak memory (smaller temporaries fragment the heap
+        less), and each image's features do not depend on the rest of the batch (exact feature caching).
         """
         if image.dim() != 4 or image.shape[1] not in (1, 3):
             raise ValueError(f"image must be (B, 3, H, W) RGB or (B, 1, H, W) greyscale, got {tuple(image.shape)}")
@@ -159,6 +161,8 @@ class DeepGazeIII(nn.Module):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         subsampled = subsampled.to(dtype=dtype, memory_format=memory_format)
         with torch.no_grad():
+            if subsampled.device.type == "cpu":
+                return torch.cat([self.features(one) for one in subsampled.split(1)])
             return self.features(subsampled)
 
     def head(
