@@ -178,8 +178,8 @@ class _ConvSoftplusLayerNormConv(torch.autograd.Function):
 
     Equal to 1x1 conv -> softplus -> LayerNorm -> 1x1 conv, but the wide hidden map e / s is never held whole: it is
     computed in chunks of positions (one chunk off the CPU), reduced to its statistics (merged per chunk, float64)
-    and to W gamma s, and the backward pass recomputes it from the narrow input x (two passes: one for the
-    statistics of the gradient, one for the input gradients). Samples flagged `constant` (B,) take x_hat = 0 (the
+    and to W gamma s. The backward pass recomputes it from the narrow input x, so it exists whole only during
+    this layer's backward (two passes over the chunks: the gradient's statistics, then the input gradients). Samples flagged `constant` (B,) take x_hat = 0 (the
     exact LayerNorm of a constant map). Computed in the parameters' precision (at least float32) with autocast off;
     under autocast the output is cast to the autocast dtype.
     """
@@ -211,9 +211,12 @@ class _ConvSoftplusLayerNormConv(torch.autograd.Function):
         grad = grad.to(weight.dtype)
         batch = x.shape[0]
         grad_times_s = grad.new_zeros(batch, weight.shape[0], in_weight.shape[0])  # (B, O, C)
+        recomputed = []  # (e, s) per chunk, for the second pass
         for positions in hidden.chunks():
-            s = softplus_values(hidden.pre_activation(positions))
+            e = hidden.pre_activation(positions)
+            s = softplus_values(e)
             grad_times_s.baddbmm_(grad[:, :, positions], s.transpose(1, 2))
+            recomputed.append((e, s))
         count = in_weight.shape[0] * x.shape[2]
         row_sums = grad.sum(2)  # (B, O)
         grad_times_x_hat = inv_std[:, None, None] * (
@@ -232,10 +235,9 @@ class _ConvSoftplusLayerNormConv(torch.autograd.Function):
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         in_weight_grad = grad.new_zeros(batch, *in_weight.shape)
         in_bias_grad = grad.new_zeros(batch, in_weight.shape[0])
-        for positions in hidden.chunks():
-            e = hidden.pre_activation(positions)
+        for positions, (e, s) in zip(hidden.chunks(), recomputed):
             grad_s = torch.baddbmm(grad_s_offset, grad_s_slope, grad[:, :, positions])
-            grad_s.addcmul_(softplus_values(e), grad_s_scale, value=-1)
+            grad_s.addcmul_(s, grad_s_scale, value=-1)
             grad_e = torch.ops.aten.softplus_backward(grad_s, e, 1.0, SOFTPLUS_THRESHOLD)
             if grad_x is not None:
                 grad_x[:, :, positions] = torch.bmm(in_weight_t, grad_e)
