@@ -199,7 +199,7 @@ class DeepGazeIII(nn.Module):
             selection = self.fixation_selection_networks[component]
             saliency = selection.normalise_saliency(saliency, cell_weight)
             if self.scanpath:
-                history = self.scanpath_networks[component](encoding, valid)[history_row]
+                history = self.scanpath_networks[component](encoding, valid).index_select(0, history_row)
                 readouts.append(selection(native_to_readout.apply_flat(saliency), history))
             else:
                 readouts.append(selection(saliency, None, cell_weight))
