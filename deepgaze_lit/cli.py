@@ -124,7 +124,7 @@ class DeepGazeCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
-        if ckpt_path in NAMED_CHECKPOINTS and self.subcommand != "fit":
+        if ckpt_path in NAMED_CHECKPOINTS:  # fit has resolved "last" already
             named = self.experiment_dir / "checkpoints" / f"{ckpt_path}.ckpt"
             if not named.is_file():
                 raise UsageError(f"no {ckpt_path} checkpoint of experiment '{config.experiment}': {named} is missing")

@@ -111,6 +111,16 @@ def test_fit_resumes_from_last(trained_experiment, tmp_path):
     assert last["global_step"] == (TINY_EPOCHS + 1) * STEPS_PER_EPOCH
 
 
+def test_fit_continues_from_best(trained_experiment, tmp_path):
+    checkpoints = tmp_path / "experiments" / "tiny" / "checkpoints"
+    shutil.copytree(trained_experiment.directory / "checkpoints", checkpoints)
+    best_epoch = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)["epoch"]
+    run_cli(["fit", "--config", str(trained_experiment.config), "--ckpt_path", "best",
+             "--trainer.max_epochs", str(best_epoch + 2)], tmp_path)
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == (best_epoch + 2) * STEPS_PER_EPOCH
+
+
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=[path.name for path in SHIPPED_CONFIGS])
 def test_every_shipped_config_passes_print_config(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -173,9 +183,10 @@ def test_released_weights_given_as_ckpt_path_point_to_init_from(tmp_path, capsys
     assert f"--model.init_from {weights}" in capsys.readouterr().err
 
 
-def test_missing_named_checkpoint_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("subcommand", ["validate", "fit"])
+def test_missing_named_checkpoint_is_one_line(subcommand, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_config())
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["validate", "--config", str(config), "--ckpt_path", "best"], tmp_path)
+        run_cli([subcommand, "--config", str(config), "--ckpt_path", "best"], tmp_path)
     assert exit_info.value.code == 2
     assert "no best checkpoint of experiment 'tiny'" in capsys.readouterr().err
