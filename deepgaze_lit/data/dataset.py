@@ -1,13 +1,16 @@
-"""FixationDataset: the one in-memory form of every eye-tracking source (stimuli + fixations), and image decoding."""
+"""FixationDataset: the one in-memory form of every eye-tracking source (stimuli + fixations), image decoding, and
+LazySequence, the read-only sequence of arrays made on access (synthetic images and true densities)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import operator
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -75,6 +78,60 @@ def load_rgb(path: str | Path) -> np.ndarray:
                         "expected a readable image file such as JPEG or PNG") from err
 
 
+class LazySequence(Sequence):
+    """Read-only sequence of arrays made on access (the sequence keeps none): item i is `load(indices[i])`, passed
+    through each step `function(item, arguments[i])` in turn.
+
+    `take` (a subset) and `map` (one more per-item step) return new views without making any item. Pickling copies
+    `load` (it must be picklable, e.g. a bound method of a small object), the indices and the step arguments, so
+    loader workers (fork or spawn) make the items themselves.
+    """
+
+    def __init__(self, load: Callable[[int], np.ndarray], indices: int | Sequence[int],
+                 steps: Sequence[tuple[Callable[[np.ndarray, Any], np.ndarray], np.ndarray]] = ()):
+        self.load = load
+        self.indices = np.arange(indices) if isinstance(indices, int) else np.asarray(indices, np.int64).reshape(-1)
+        self.steps = tuple(steps)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(np.arange(len(self))[index])
+        position = operator.index(index)
+        if not -len(self) <= position < len(self):
+            raise IndexError(f"index {position} out of range for {len(self)} items")
+        position %= len(self)
+        item = self.load(int(self.indices[position]))
+        for function, arguments in self.steps:
+            item = function(item, arguments[position])
+        return item
+
+    def __repr__(self) -> str:
+        return f"LazySequence({len(self)} items of {self.load!r}, {len(self.steps)} step(s))"
+
+    def take(self, positions: Sequence[int]) -> "LazySequence":
+        """The items at `positions` (in that order), still lazy."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        return LazySequence(self.load, self.indices[positions],
+                            [(function, arguments[positions]) for function, arguments in self.steps])
+
+    def map(self, function: Callable[[np.ndarray, Any], np.ndarray], arguments: np.ndarray) -> "LazySequence":
+        """Item i becomes `function(item, arguments[i])`, still lazy; `arguments` has one entry (row) per item."""
+        arguments = np.asarray(arguments)
+        if len(arguments) != len(self):
+            raise ValueError(f"{len(arguments)} step arguments for {len(self)} items")
+        return LazySequence(self.load, self.indices, [*self.steps, (function, arguments)])
+
+
+def _take(items: Sequence[np.ndarray], indices: np.ndarray) -> Sequence[np.ndarray]:
+    """Items `indices` of a list (a new list of the same arrays) or of a LazySequence (a lazy view)."""
+    if isinstance(items, LazySequence):
+        return items.take(indices)
+    return [items[i] for i in indices]
+
+
 def _float_array(values, length: int, fill: float) -> np.ndarray:
     if values is None:
         return np.full(length, fill, dtype=np.float64)
@@ -113,11 +170,12 @@ class FixationDataset:
         scanpath_index: (F,) int64 scanpath each fixation belongs to, -1 when unknown.
         is_initial: (F,) bool; the forced initial central fixation of a scanpath: history only, never a target.
         image_paths: one file per image, or None when `images` holds the pixels.
-        images: (H,W,3) uint8 arrays of the native images, or None when `image_paths` is given.
+        images: sequence of (H,W,3) uint8 arrays of the native images (a list, or a read-only LazySequence that
+            makes each on access), or None when `image_paths` is given.
         native_shapes: (N,2) int64 (H, W) of the stored images; differs from `shapes` after resizing.
         image_ids: (N,) int64 index of each image in the source it was read from (kept by `subset`).
-        true_log_densities: per image the (H,W) float64 log density (nats) the fixations were drawn from
-            (synthetic data only), or None.
+        true_log_densities: sequence (list or LazySequence) of per image the (H,W) float64 log density (nats)
+            the fixations were drawn from (synthetic data only), or None.
         has_history: whether fixation order within scanpaths is known (needed for history "real").
         source: short description of where the data came from, for messages.
         dropped_fixations: fixations outside their image removed when reading.
@@ -134,10 +192,10 @@ class FixationDataset:
     scanpath_index: Optional[np.ndarray] = None
     is_initial: Optional[np.ndarray] = None
     image_paths: Optional[list[str]] = None
-    images: Optional[list[np.ndarray]] = None
+    images: Optional[Sequence[np.ndarray]] = None
     native_shapes: Optional[np.ndarray] = None
     image_ids: Optional[np.ndarray] = None
-    true_log_densities: Optional[list[np.ndarray]] = None
+    true_log_densities: Optional[Sequence[np.ndarray]] = None
     has_history: bool = False
     source: str = "in-memory data"
     dropped_fixations: int = 0
@@ -256,11 +314,10 @@ class FixationDataset:
             x_hist=self.x_hist[keep], y_hist=self.y_hist[keep],
             scanpath_index=self.scanpath_index[keep], is_initial=self.is_initial[keep],
             image_paths=None if self.image_paths is None else [self.image_paths[i] for i in indices],
-            images=None if self.images is None else [self.images[i] for i in indices],
+            images=None if self.images is None else _take(self.images, indices),
             native_shapes=self.native_shapes[indices],
             image_ids=self.image_ids[indices],
-            true_log_densities=None if self.true_log_densities is None
-            else [self.true_log_densities[i] for i in indices],
+            true_log_densities=None if self.true_log_densities is None else _take(self.true_log_densities, indices),
         )
 
     def resized(self, shapes: np.ndarray) -> "FixationDataset":
@@ -275,7 +332,9 @@ class FixationDataset:
         width_limit = np.nextafter(shapes[self.n, 1].astype(np.float64), 0)
         height_limit = np.nextafter(shapes[self.n, 0].astype(np.float64), 0)
         densities = self.true_log_densities
-        if densities is not None:
+        if isinstance(densities, LazySequence):
+            densities = densities.map(resize_log_density, shapes)
+        elif densities is not None:
             densities = [resize_log_density(density, tuple(shape)) for density, shape in zip(densities, shapes)]
         return replace(
             self,
