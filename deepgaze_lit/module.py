@@ -16,10 +16,12 @@ Entropy regularisation (off unless `entropy_weight` > 0): loss = NLL - entropy_w
 """
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
@@ -149,7 +151,7 @@ class DeepGazeModule(L.LightningModule):
             self.feature_cache = FeatureCache(feature_cache_mb, feature_cache_dir, feature_cache_disk_mb)
         self._backbone_fingerprint = BackboneFingerprint(self.model.features)
         self._data_fingerprints: dict[str, str] = {}
-        self._true_log_densities: Optional[list] = None
+        self._true_log_densities: Optional[Sequence[np.ndarray]] = None  # (H, W) log densities (nats)
         self._reference_results: Optional[dict[str, dict[str, float]]] = None
 
     def _initialise_from(self, path: str, component: Optional[int]) -> None:
