@@ -106,3 +106,27 @@ def test_gaussian_blur_equals_padded_convolution(height, width):
     (gradient,) = torch.autograd.grad((blurred * weights).sum(), sigma)
     (expected,) = torch.autograd.grad((reference_blur(x, sigma) * weights).sum(), sigma)
     assert torch.allclose(gradient, expected, atol=1e-10)
+
+
+def test_fused_layer_in_float32_is_as_accurate_as_the_plain_composition_for_a_large_mean(monkeypatch):
+    """Hidden map ~30 +- 0.01 (mean 3000x its spread), 6 chunks: folding the normalisation into the output
+    convolution must not cancel large terms, so the float32 error stays that of float32 group_norm."""
+    monkeypatch.setattr(layers, "CPU_CHUNK_ELEMENTS", 16 * 500)
+    generator = torch.Generator().manual_seed(0)
+    x = 0.01 * torch.randn(2, 3, 3000, generator=generator, dtype=torch.float64)
+    in_weight = torch.randn(16, 3, generator=generator, dtype=torch.float64)
+    in_bias = 30 + 0.01 * torch.randn(16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(4, 16, generator=generator, dtype=torch.float64)
+    bias = torch.randn(4, generator=generator, dtype=torch.float64)
+    norm = LayerNorm(16)
+
+    def plain(x, in_weight, in_bias, weight, bias):
+        hidden = F.softplus(conv1x1(in_weight, x, in_bias))
+        return conv1x1(weight, F.group_norm(hidden, 1, norm.weight.to(x.dtype), norm.bias.to(x.dtype), 1e-12), bias)
+
+    exact = plain(x, in_weight, in_bias, weight, bias)
+    single = [tensor.float() for tensor in (x, in_weight, in_bias, weight, bias)]
+    fused = conv_softplus_layer_norm_conv(single[0], single[1], single[2], norm, single[3], single[4])
+    fused_error = (fused.double() - exact).abs().max() / exact.abs().max()
+    plain_error = (plain(*single).double() - exact).abs().max() / exact.abs().max()
+    assert fused_error < 1.5 * plain_error

@@ -176,12 +176,13 @@ class _ConvSoftplusLayerNormConv(torch.autograd.Function):
     """y = W (gamma * (s - mean) / std + beta) + b with s = softplus(e), e = V x + c, LayerNorm statistics per
     sample over (C, P).
 
-    Equal to 1x1 conv -> softplus -> LayerNorm -> 1x1 conv, but the wide hidden map e / s is never held whole: it is
-    computed in chunks of positions (one chunk off the CPU), reduced to its statistics (merged per chunk, float64)
-    and to W gamma s. The backward pass recomputes it from the narrow input x, so it exists whole only during
-    this layer's backward (two passes over the chunks: the gradient's statistics, then the input gradients). Samples flagged `constant` (B,) take x_hat = 0 (the
-    exact LayerNorm of a constant map). Computed in the parameters' precision (at least float32) with autocast off;
-    under autocast the output is cast to the autocast dtype.
+    Equal to 1x1 conv -> softplus -> LayerNorm -> 1x1 conv, but the wide hidden map e / s is never held whole in the
+    forward pass: it is computed in chunks of positions (one chunk off the CPU) and reduced to its statistics
+    (merged per chunk in float64) and to W gamma (s - shift), shift = the first chunk's mean (no large-mean
+    cancellation). The backward pass recomputes it from the narrow input x, so it exists whole only during this
+    layer's backward (two passes over the chunks: the gradient's statistics, then the input gradients). Samples
+    flagged `constant` (B,) take x_hat = 0 (the exact LayerNorm of a map constant over (C, P)). Computed in the
+    parameters' precision with autocast off; under autocast the output is cast to the autocast dtype.
     """
 
     @staticmethod
@@ -193,13 +194,16 @@ class _ConvSoftplusLayerNormConv(torch.autograd.Function):
             scaled = (weight * gamma).expand(x.shape[0], -1, -1)  # (B, O, C)
             projected = x.new_empty((x.shape[0], weight.shape[0], x.shape[2]), dtype=weight.dtype)
             statistics = _RunningMoments(x.shape[0], x.device)
+            shift = None
             for positions in hidden.chunks():
                 s = softplus_values(hidden.pre_activation(positions))
                 statistics.add(s)
-                projected[:, :, positions] = torch.bmm(scaled, s)
+                if shift is None:
+                    shift = s.mean((1, 2))  # (B,)
+                projected[:, :, positions] = torch.bmm(scaled, s.sub_(shift[:, None, None]))
             mean, inv_std = statistics.mean_and_inv_std(weight.dtype)
             inv_std = torch.where(constant, 0, inv_std)
-            offset = (weight @ beta + bias)[None] - (inv_std * mean)[:, None] * scaled[0].sum(1)[None]  # (B, O)
+            offset = (weight @ beta + bias)[None] - (inv_std * (mean - shift))[:, None] * scaled[0].sum(1)[None]
             ctx.save_for_backward(x, in_weight, in_bias, mean, inv_std, gamma, beta, weight)
             output = projected.mul_(inv_std[:, None, None]).add_(offset[:, :, None])
         return output if autocast_dtype is None else output.to(autocast_dtype)
@@ -207,37 +211,44 @@ class _ConvSoftplusLayerNormConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, in_weight, in_bias, mean, inv_std, gamma, beta, weight = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            return _ConvSoftplusLayerNormConv._gradients(
+                grad.to(weight.dtype), x, in_weight, in_bias, mean, inv_std, gamma, beta, weight,
+                ctx.needs_input_grad[0],
+            )
+
+    @staticmethod
+    def _gradients(grad, x, in_weight, in_bias, mean, inv_std, gamma, beta, weight, input_needs_grad):
         hidden = _HiddenMap(x, in_weight, in_bias)
-        grad = grad.to(weight.dtype)
         batch = x.shape[0]
-        grad_times_s = grad.new_zeros(batch, weight.shape[0], in_weight.shape[0])  # (B, O, C)
-        recomputed = []  # (e, s) per chunk, for the second pass
+        grad_times_centred = grad.new_zeros(batch, weight.shape[0], in_weight.shape[0])  # (B, O, C)
+        recomputed = []  # (e, s - mean) per chunk, for the second pass
         for positions in hidden.chunks():
             e = hidden.pre_activation(positions)
-            s = softplus_values(e)
-            grad_times_s.baddbmm_(grad[:, :, positions], s.transpose(1, 2))
-            recomputed.append((e, s))
+            centred = softplus_values(e).sub_(mean[:, None, None])
+            grad_times_centred.baddbmm_(grad[:, :, positions], centred.transpose(1, 2))
+            recomputed.append((e, centred))
         count = in_weight.shape[0] * x.shape[2]
         row_sums = grad.sum(2)  # (B, O)
-        grad_times_x_hat = inv_std[:, None, None] * (
-            grad_times_s - row_sums[:, :, None] * mean[:, None, None]
-        )  # (B, O, C): sum over positions of grad * x_hat
+        grad_times_x_hat = inv_std[:, None, None] * grad_times_centred  # (B, O, C): sum over positions of grad x_hat
         weight_grad = (grad_times_x_hat * gamma).sum(0) + row_sums.sum(0)[:, None] * beta
         gamma_grad = (grad_times_x_hat * weight).sum((0, 1))
         beta_grad = row_sums.sum(0) @ weight
         bias_grad = row_sums.sum(0)
         mean_term = (row_sums @ weight) @ gamma / count  # (B,): mean of d loss / d x_hat
         x_hat_term = (grad_times_x_hat * (weight * gamma)).sum((1, 2)) / count  # (B,): mean of x_hat d loss / d x_hat
-        grad_s_offset = (inv_std * (inv_std * mean * x_hat_term - mean_term))[:, None, None]
+        grad_s_offset = -(inv_std * mean_term)[:, None, None]
         grad_s_scale = (inv_std.square() * x_hat_term)[:, None, None]
         grad_s_slope = ((weight * gamma)[None] * inv_std[:, None, None]).transpose(1, 2)  # (B, C, O)
         in_weight_t = in_weight.t().expand(batch, -1, -1)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_x = torch.empty_like(x) if input_needs_grad else None
         in_weight_grad = grad.new_zeros(batch, *in_weight.shape)
         in_bias_grad = grad.new_zeros(batch, in_weight.shape[0])
-        for positions, (e, s) in zip(hidden.chunks(), recomputed):
+        recomputed.reverse()
+        for positions in hidden.chunks():
+            e, centred = recomputed.pop()  # released chunk by chunk
             grad_s = torch.baddbmm(grad_s_offset, grad_s_slope, grad[:, :, positions])
-            grad_s.addcmul_(s, grad_s_scale, value=-1)
+            grad_s.addcmul_(centred, grad_s_scale, value=-1)
             grad_e = torch.ops.aten.softplus_backward(grad_s, e, 1.0, SOFTPLUS_THRESHOLD)
             if grad_x is not None:
                 grad_x[:, :, positions] = torch.bmm(in_weight_t, grad_e)
@@ -311,7 +322,7 @@ def conv_softplus_layer_norm_conv(
     the narrow input x (and per-sample statistics) for the backward pass, not the wide hidden map.
 
     in_weight (H, C), in_bias (H,) or (B, H), weight (O, H) (or conv weights), bias (O,). `constant` (B,) bool:
-    samples whose hidden map is known to be spatially constant; their normalised map is set to exactly 0 (a float
+    samples whose hidden map is known to be constant over (C, P); their normalised map is set to exactly 0 (a float
     LayerNorm of a constant map returns eps-amplified rounding noise instead).
     """
     if constant is None:
