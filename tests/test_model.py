@@ -203,6 +203,18 @@ def test_distinct_histories_share_rows_of_equal_histories():
     assert torch.equal(y_distinct[row[[0, 1]]].nan_to_num(-1), expected_y.nan_to_num(-1))
 
 
+def test_head_is_differentiable_in_the_history_coordinates(model):
+    """Histories that need a gradient are not merged (torch.unique has none), even when two rows are equal."""
+    image, centerbias, x_hist, y_hist = random_inputs(2, 64, 96, seed=9)
+    x_hist[1], y_hist[1] = x_hist[0], y_hist[0]
+    x_hist.requires_grad_()
+    with torch.no_grad():
+        features = model.backbone_features(image)
+    (gradient,) = torch.autograd.grad(model.head(features, centerbias, x_hist, y_hist).values.sum(), x_hist)
+    present = torch.isfinite(x_hist.detach()) & torch.isfinite(y_hist)
+    assert torch.isfinite(gradient).all() and (gradient[present] != 0).all()
+
+
 def test_block_log_density_lookup_and_entropy(model):
     image, centerbias, x_hist, y_hist = random_inputs(2, 83, 101, seed=5)
     with torch.no_grad():

@@ -186,7 +186,10 @@ class DeepGazeIII(nn.Module):
         readout_to_grid = NearestMap.to_size(readout, image_to_grid.out_shape, device)
         if self.scanpath:
             x_hist, y_hist = self._history(x_hist, y_hist, batch, dtype, device)
-            x_distinct, y_distinct, history_row = distinct_histories(x_hist, y_hist)
+            if x_hist.requires_grad or y_hist.requires_grad:  # torch.unique has no gradient: keep every row
+                x_distinct, y_distinct, history_row = x_hist, y_hist, torch.arange(batch, device=device)
+            else:
+                x_distinct, y_distinct, history_row = distinct_histories(x_hist, y_hist)
             image_to_readout = NearestMap.to_size(image_shape, readout, device)
             encoding, valid = scanpath_encoding(x_distinct, y_distinct, image_to_readout)
             to_grid = readout_to_grid
