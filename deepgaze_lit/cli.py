@@ -30,8 +30,9 @@ from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.dataset import DataError
 from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
 from deepgaze_lit.predict import PredictionWriter
-from deepgaze_lit.resilience import (FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint, fit_checkpoint,
-                                     remove_partial_checkpoints, start_new_run)
+from deepgaze_lit.resilience import (FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint,
+                                     checkpoint_global_step, fit_checkpoint, remove_partial_checkpoints,
+                                     set_aside_checkpoints_after, start_new_run)
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 HALF_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
@@ -105,6 +106,9 @@ class DeepGazeCLI(LightningCLI):
         start before any file is written)."""
         config = self.config[self.subcommand]
         requested = config.get("ckpt_path")
+        if requested == "best":
+            self.resolve_fit_from_best()
+            return
         config.ckpt_path = fit_checkpoint(self.checkpoint_dir, requested)
         if rank_zero_only.rank != 0:
             return
@@ -113,6 +117,23 @@ class DeepGazeCLI(LightningCLI):
         if kept is not None:
             print(f"deepgaze: experiment '{config.experiment}' already had checkpoints: they are kept in {kept}; "
                   "this is a new run (to continue a run instead, use --ckpt_path last)", file=sys.stderr)
+
+    def resolve_fit_from_best(self) -> None:
+        """`fit --ckpt_path best`: continue from best.ckpt; rank 0 moves the checkpoints written after it (the
+        continuation this restart abandons) to `checkpoints.<n>/`, so that a later `--ckpt_path last` resumes this
+        run, not that one."""
+        config = self.config[self.subcommand]
+        best = self.checkpoint_dir / "best.ckpt"
+        if not best.is_file():
+            raise UsageError(f"no best checkpoint of experiment '{config.experiment}': {best} is missing")
+        config.ckpt_path = str(best)
+        if rank_zero_only.rank != 0:
+            return
+        remove_partial_checkpoints(self.checkpoint_dir)
+        kept = set_aside_checkpoints_after(self.checkpoint_dir, checkpoint_global_step(best))
+        if kept is not None:
+            print(f"deepgaze: continuing experiment '{config.experiment}' from {best}: the checkpoints written after "
+                  f"it are kept in {kept}", file=sys.stderr)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]

@@ -92,12 +92,34 @@ def start_new_run(checkpoint_dir: Path) -> Optional[Path]:
     checkpoint_dir = Path(checkpoint_dir)
     if not any(checkpoint_dir.glob(f"*{CHECKPOINT_SUFFIX}")):
         return None
+    archive = _free_archive(checkpoint_dir)
+    checkpoint_dir.rename(archive)
+    return archive
+
+
+def set_aside_checkpoints_after(checkpoint_dir: Path, global_step: int) -> Optional[Path]:
+    """Make way for a run that restarts from an earlier checkpoint (`fit --ckpt_path best`): move the readable
+    checkpoints of `checkpoint_dir` with a global step above `global_step` (the abandoned continuation, which
+    `--ckpt_path last` would otherwise resume) into `<checkpoint_dir>.<n>` and return that folder; None when there
+    are none. Call it on one process only."""
+    checkpoint_dir = Path(checkpoint_dir)
+    later = [path for path in sorted(checkpoint_dir.glob(f"*{CHECKPOINT_SUFFIX}"))
+             if (checkpoint_global_step(path) or 0) > global_step]
+    if not later:
+        return None
+    archive = _free_archive(checkpoint_dir)
+    archive.mkdir()
+    for path in later:
+        path.rename(archive / path.name)
+    return archive
+
+
+def _free_archive(checkpoint_dir: Path) -> Path:
+    """`<checkpoint_dir>.<n>` with the first n = 1, 2, ... that does not exist (higher numbers: more recent)."""
     number = 1
     while checkpoint_dir.with_name(f"{checkpoint_dir.name}.{number}").exists():
         number += 1
-    archive = checkpoint_dir.with_name(f"{checkpoint_dir.name}.{number}")
-    checkpoint_dir.rename(archive)
-    return archive
+    return checkpoint_dir.with_name(f"{checkpoint_dir.name}.{number}")
 
 
 def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:

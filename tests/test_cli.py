@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import TINY_BATCH_SIZE, TINY_EPOCHS, TINY_TRAIN_IMAGES, run_cli, tiny_config, write_config
 from deepgaze_lit.cli import main
 from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
+from deepgaze_lit.resilience import checkpoint_global_step, newest_checkpoint
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIGS = sorted((REPOSITORY / "configs").glob("*.yaml"))
@@ -115,10 +116,15 @@ def test_fit_continues_from_best(trained_experiment, tmp_path):
     checkpoints = tmp_path / "experiments" / "tiny" / "checkpoints"
     shutil.copytree(trained_experiment.directory / "checkpoints", checkpoints)
     best_epoch = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)["epoch"]
+    assert best_epoch < TINY_EPOCHS - 2  # else continuing from best and from last could not be told apart
+    best_step = (best_epoch + 1) * STEPS_PER_EPOCH
+    later = {path.name for path in checkpoints.glob("*.ckpt") if checkpoint_global_step(path) > best_step}
     run_cli(["fit", "--config", str(trained_experiment.config), "--ckpt_path", "best",
              "--trainer.max_epochs", str(best_epoch + 2)], tmp_path)
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == (best_epoch + 2) * STEPS_PER_EPOCH
+    assert newest_checkpoint(checkpoints) == checkpoints / "last.ckpt"
+    assert {path.name for path in (tmp_path / "experiments" / "tiny" / "checkpoints.1").iterdir()} == later
 
 
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=[path.name for path in SHIPPED_CONFIGS])
