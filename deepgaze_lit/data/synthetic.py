@@ -8,6 +8,7 @@ density of every image, so the gold-standard information gain of a dataset is kn
 from __future__ import annotations
 
 import colorsys
+import threading
 from collections import OrderedDict
 from typing import Callable, Sequence
 
@@ -90,21 +91,31 @@ def _log_density(shape: tuple[int, int], discs: np.ndarray, weights: tuple[float
 
 
 class _Recent:
-    """The last `size` arrays made, by index (least recently used dropped first)."""
+    """The last `size` arrays made, by index (least recently used dropped first); safe to share between threads."""
 
     def __init__(self, size: int):
         self.size = size
         self.items: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def __reduce__(self):
+        """Pickled empty (loader workers start with their own empty cache)."""
+        return _Recent, (self.size,)
 
     def get(self, index: int, make: Callable[[int], np.ndarray]) -> np.ndarray:
         """A copy of array `index`, made by `make(index)` unless recent (a copy: callers may write to it)."""
-        if index in self.items:
+        with self.lock:
+            item = self.items.get(index)
+            if item is not None:
+                self.items.move_to_end(index)
+                return item.copy()
+        item = make(index)
+        with self.lock:
+            self.items[index] = item
             self.items.move_to_end(index)
-        else:
-            self.items[index] = make(index)
             if len(self.items) > self.size:
                 self.items.popitem(last=False)
-        return self.items[index].copy()
+        return item.copy()
 
 
 class SyntheticStimuli:
@@ -124,11 +135,6 @@ class SyntheticStimuli:
         self.center_sigma = center_sigma
         self._images = _Recent(CACHE_ITEMS)
         self._densities = _Recent(CACHE_ITEMS)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_images"], state["_densities"] = _Recent(CACHE_ITEMS), _Recent(CACHE_ITEMS)
-        return state
 
     def __repr__(self) -> str:
         return f"SyntheticStimuli(seed={self.seed}, {len(self.shapes)} images)"
