@@ -160,8 +160,10 @@ class _Softplus(torch.autograd.Function):
         return torch.ops.aten.softplus_backward(grad, x, 1.0, SOFTPLUS_THRESHOLD)
 
 
+@torch.compiler.disable
 def softplus(x: Tensor) -> Tensor:
-    """F.softplus (beta 1, threshold 20), faster in float32 on the CPU (`softplus_values`)."""
+    """F.softplus (beta 1, threshold 20), faster in float32 on the CPU (`softplus_values`). Run eagerly under
+    torch.compile (a graph break), like `conv_softplus_layer_norm_conv`."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return F.softplus(x)
     return _Softplus.apply(x)
@@ -309,6 +311,7 @@ class _RunningMoments:
         return self.mean.to(dtype), torch.rsqrt(variance + LAYER_NORM_EPS).to(dtype)
 
 
+@torch.compiler.disable
 def conv_softplus_layer_norm_conv(
     x: Tensor,
     in_weight: Tensor,
@@ -324,6 +327,9 @@ def conv_softplus_layer_norm_conv(
     in_weight (H, C), in_bias (H,) or (B, H), weight (O, H) (or conv weights), bias (O,). `constant` (B,) bool:
     samples whose hidden map is known to be constant over (C, P); their normalised map is set to exactly 0 (a float
     LayerNorm of a constant map returns eps-amplified rounding noise instead).
+
+    Run eagerly under torch.compile (a graph break): with dynamo tracing it, the backward failed to trace under
+    CUDA autocast, and compiled training drifted from eager training on torch 2.11 (not on 2.14).
     """
     if constant is None:
         constant = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
