@@ -201,7 +201,7 @@ class _ConvSoftplusLayerNormConv(torch.autograd.Function):
                 s = softplus_values(hidden.pre_activation(positions))
                 statistics.add(s)
                 if shift is None:
-                    shift = s.mean((1, 2))  # (B,)
+                    shift = statistics.mean.to(s.dtype, copy=True)  # (B,): the first chunk's mean
                 projected[:, :, positions] = torch.bmm(scaled, s.sub_(shift[:, None, None]))
             mean, inv_std = statistics.mean_and_inv_std(weight.dtype)
             inv_std = torch.where(constant, 0, inv_std)
