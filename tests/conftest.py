@@ -6,10 +6,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import yaml
 
 from deepgaze_lit.cli import main
+from deepgaze_lit.module import DeepGazeModule
 
 TINY_EPOCHS = 5
 TINY_TRAIN_IMAGES = 8
@@ -97,3 +100,22 @@ def trained_experiment(tmp_path_factory) -> TrainedExperiment:
     config = write_config(root / "tiny.yaml", tiny_config())
     stdout = run_cli(["fit", "--config", str(config)], root)
     return TrainedExperiment(root, config, stdout)
+
+
+def two_component_module(**options) -> DeepGazeModule:
+    """A seeded 2-component scanpath DeepGazeModule on a random backbone, Adam (lr 0.01); `options` override."""
+    torch.manual_seed(0)
+    settings = dict(num_components=2, scanpath=True, backbone_weights="none",
+                    optimizer=lambda parameters: torch.optim.Adam(parameters, lr=1e-2))
+    settings.update(options)
+    return DeepGazeModule(**settings)
+
+
+class StepLosses(L.Callback):
+    """Every training step's loss (float)."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import StepLosses, two_component_module
 from deepgaze_lit.data.datamodule import SaliencyDataModule
-from deepgaze_lit.module import DeepGazeModule
 
 IMAGES = 6
 VAL_IMAGES = 2
@@ -42,27 +42,10 @@ def datamodule(images, csv_path, **options) -> SaliencyDataModule:
     return SaliencyDataModule(**settings)
 
 
-def module(feature_cache_mb: float) -> DeepGazeModule:
-    torch.manual_seed(0)
-    return DeepGazeModule(num_components=2, scanpath=True, backbone_weights="none",
-                          feature_cache_mb=feature_cache_mb,
-                          optimizer=lambda parameters: torch.optim.Adam(parameters, lr=1e-2))
-
-
 def trainer(max_epochs: int = 1, callbacks=()) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, deterministic=True, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=list(callbacks))
-
-
-class StepLosses(L.Callback):
-    """Every training step's loss (float)."""
-
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
 
 
 @pytest.mark.timeout(300)
@@ -71,7 +54,7 @@ def test_training_with_and_without_the_cache_is_bit_identical(tmp_path):
     runs = {}
     for cache_mb in (0, 64):
         L.seed_everything(0)
-        network = module(cache_mb)
+        network = two_component_module(feature_cache_mb=cache_mb)
         losses = StepLosses()
         trainer(max_epochs=3, callbacks=[losses]).fit(network, datamodule=datamodule(images, csv_path))
         runs[cache_mb] = (losses.losses, network.model.state_dict(), network)
@@ -89,7 +72,7 @@ def test_training_with_and_without_the_cache_is_bit_identical(tmp_path):
 @pytest.mark.timeout(300)
 def test_a_changed_image_resize_policy_or_backbone_is_recomputed(tmp_path):
     images, csv_path = write_dataset(tmp_path)
-    network = module(64)
+    network = two_component_module(feature_cache_mb=64)
     stats = network.feature_cache.stats
     data = datamodule(images, csv_path)
     first = trainer().validate(network, datamodule=data, verbose=False)

@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import StepLosses, two_component_module
 from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.module import DeepGazeModule
 
@@ -16,22 +17,6 @@ def datamodule(**options) -> SaliencyDataModule:
                     centerbias="uniform", history="dummy", image_cache_mb=0)
     settings.update(options)
     return SaliencyDataModule(**settings)
-
-
-def module(**options) -> DeepGazeModule:
-    torch.manual_seed(0)
-    settings = dict(num_components=2, scanpath=True, backbone_weights="none",
-                    optimizer=lambda parameters: torch.optim.Adam(parameters, lr=1e-2))
-    settings.update(options)
-    return DeepGazeModule(**settings)
-
-
-class StepLosses(L.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
 
 
 def fit(network: DeepGazeModule, accelerator: str = "cpu", precision: str = "32", steps: int = 2) -> list[float]:
@@ -46,26 +31,33 @@ def fit(network: DeepGazeModule, accelerator: str = "cpu", precision: str = "32"
     return losses.losses
 
 
+@pytest.fixture(scope="module")
+def float32_losses() -> list[float]:
+    """The step losses of the default module in float32, eager, contiguous layout: what every option is compared
+    with."""
+    return fit(two_component_module())
+
+
 @pytest.mark.timeout(300)
-def test_bf16_mixed_precision_trains_close_to_float32():
-    reference = fit(module())
-    losses = fit(module(), precision="bf16-mixed")
+def test_bf16_mixed_precision_trains_close_to_float32(float32_losses):
+    reference = float32_losses
+    losses = fit(two_component_module(), precision="bf16-mixed")
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[0] == pytest.approx(reference[0], abs=0.02)
 
 
 @pytest.mark.timeout(300)
-def test_channels_last_trains_like_the_default_layout():
-    network = module(channels_last=True)
+def test_channels_last_trains_like_the_default_layout(float32_losses):
+    network = two_component_module(channels_last=True)
     conv0 = network.model.features.features[1].features.conv0.weight
     assert conv0.is_contiguous(memory_format=torch.channels_last) and not conv0.is_contiguous()
-    assert fit(network) == pytest.approx(fit(module()), rel=1e-5)
+    assert fit(network) == pytest.approx(float32_losses, rel=1e-5)
 
 
 @pytest.mark.timeout(300)
 def test_feature_cache_keeps_float32_and_bf16_features_apart():
     """Lightning's bf16 autocast is on when the module asks the cache: its features get their own namespace."""
-    network = module(feature_cache_mb=64)
+    network = two_component_module(feature_cache_mb=64)
     fit(network, steps=2)
     assert network.feature_cache.stats.computed == 4
     fit(network, precision="bf16-mixed", steps=2)
@@ -74,7 +66,7 @@ def test_feature_cache_keeps_float32_and_bf16_features_apart():
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_compiled_head_trains_like_the_eager_one(monkeypatch):
+def test_compiled_head_trains_like_the_eager_one(float32_losses, monkeypatch):
     """`compile_head` routes the head through torch.compile. The graph capture (dynamo + AOT autograd) is what is
     checked here: the `aot_eager` backend skips inductor's C++ code generation, which takes minutes on 2 cores."""
     compiled = []
@@ -85,16 +77,16 @@ def test_compiled_head_trains_like_the_eager_one(monkeypatch):
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
-    network = module(compile_head=True)
+    network = two_component_module(compile_head=True)
     losses = fit(network)
     assert compiled == [network.model.head]
-    assert losses == pytest.approx(fit(module()), rel=1e-5)
+    assert losses == pytest.approx(float32_losses, rel=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.timeout(600)
 def test_gpu_path_bf16_channels_last_pinned_memory_with_the_cache():
-    network = module(channels_last=True, feature_cache_mb=64)
+    network = two_component_module(channels_last=True, feature_cache_mb=64)
     data = datamodule()
     losses = StepLosses()
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=2, logger=False,
