@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from deepgaze_lit.model.backbone import FEATURE_CHANNELS, DenseNetFeatures, check_image_side
-from deepgaze_lit.model.checkpoint import LoadReport, extract_component, load_weights, read_state_dict
+from deepgaze_lit.model.checkpoint import LoadReport, load_weights
 from deepgaze_lit.model.grids import DOWNSAMPLE, SALIENCY_MAP_FACTOR, NearestMap, readout_shape
 from deepgaze_lit.model.layers import normalise
 from deepgaze_lit.model.readout import (
@@ -81,7 +81,10 @@ def distinct_histories(x_hist: Tensor, y_hist: Tensor) -> tuple[Tensor, Tensor, 
     """The distinct rows of a batch's histories (B, 4) (pixels, NaN = missing) and, for each sample, the index
     (B,) of its row among them. Slots count as equal when both are missing, so samples with the same history (the
     dummy central history of a batch of one image size, or none) share one scanpath-network evaluation.
+    Histories that need a gradient are returned as they are (torch.unique has none).
     """
+    if x_hist.requires_grad or y_hist.requires_grad:
+        return x_hist, y_hist, torch.arange(x_hist.shape[0], device=x_hist.device)
     present = torch.isfinite(x_hist) & torch.isfinite(y_hist)
     key = torch.cat([torch.where(present, x_hist, torch.inf), torch.where(present, y_hist, torch.inf)], dim=1)
     distinct, row = torch.unique(key, dim=0, return_inverse=True)
@@ -132,11 +135,8 @@ class DeepGazeIII(nn.Module):
         component=None: the 10-component scanpath mixture; component=k: a 1-component model holding component k
         (the fold-k model, to be evaluated on fold k only).
         """
-        state = read_state_dict(path)
-        if component is not None:
-            state = extract_component(state, component)
         model = cls(RELEASE_COMPONENTS if component is None else 1, scanpath=True, backbone_weights="none")
-        load_weights(model, state, strict=True)
+        model.load_weights(path, component=component)
         return model
 
     def load_weights(self, source: str | Path | dict, component: int | None = None, strict: bool = True) -> LoadReport:
@@ -186,10 +186,7 @@ class DeepGazeIII(nn.Module):
         readout_to_grid = NearestMap.to_size(readout, image_to_grid.out_shape, device)
         if self.scanpath:
             x_hist, y_hist = self._history(x_hist, y_hist, batch, dtype, device)
-            if x_hist.requires_grad or y_hist.requires_grad:  # torch.unique has no gradient: keep every row
-                x_distinct, y_distinct, history_row = x_hist, y_hist, torch.arange(batch, device=device)
-            else:
-                x_distinct, y_distinct, history_row = distinct_histories(x_hist, y_hist)
+            x_distinct, y_distinct, history_row = distinct_histories(x_hist, y_hist)
             image_to_readout = NearestMap.to_size(image_shape, readout, device)
             encoding, valid = scanpath_encoding(x_distinct, y_distinct, image_to_readout)
             to_grid = readout_to_grid

@@ -53,21 +53,16 @@ class NearestMap:
     cols: Tensor
     in_shape: tuple[int, int]
 
-    @classmethod
-    def to_size(cls, in_shape: tuple[int, int], out_shape: tuple[int, int], device: torch.device) -> "NearestMap":
-        """The map of `F.interpolate(x, size=out_shape)`."""
-        device = torch.device(device)
-        rows = _source_index(in_shape[0], out_shape[0], None, device)
-        cols = _source_index(in_shape[1], out_shape[1], None, device)
-        return cls(rows, cols, tuple(in_shape))
+    @staticmethod
+    def to_size(in_shape: tuple[int, int], out_shape: tuple[int, int], device: torch.device) -> "NearestMap":
+        """The map of `F.interpolate(x, size=out_shape)` (one shared instance per shapes and device)."""
+        return _nearest_map(tuple(in_shape), tuple(out_shape), None, torch.device(device))
 
-    @classmethod
-    def by_factor(cls, in_shape: tuple[int, int], factor: int, device: torch.device) -> "NearestMap":
-        """The map of `F.interpolate(x, scale_factor=1 / factor)`: output size floor(in / factor)."""
-        device = torch.device(device)
-        rows = _source_index(in_shape[0], None, factor, device)
-        cols = _source_index(in_shape[1], None, factor, device)
-        return cls(rows, cols, tuple(in_shape))
+    @staticmethod
+    def by_factor(in_shape: tuple[int, int], factor: int, device: torch.device) -> "NearestMap":
+        """The map of `F.interpolate(x, scale_factor=1 / factor)`: output size floor(in / factor) (one shared
+        instance per shape, factor and device)."""
+        return _nearest_map(tuple(in_shape), None, factor, torch.device(device))
 
     @property
     def out_shape(self) -> tuple[int, int]:
@@ -81,16 +76,32 @@ class NearestMap:
         """Resize the last two dimensions of `x` (..., in_h, in_w) -> (..., out_h, out_w)."""
         return x.index_select(-2, self.rows).index_select(-1, self.cols)
 
+    @functools.cached_property
     def flat_index(self) -> Tensor:
-        """(out_h * out_w,) index into the flattened input grid, row-major."""
+        """(out_h * out_w,) index into the flattened input grid, row-major (computed once per map)."""
         return (self.rows[:, None] * self.in_shape[1] + self.cols[None, :]).reshape(-1)
 
     def apply_flat(self, x: Tensor) -> Tensor:
         """Resize a flattened grid: (..., in_h * in_w) -> (..., out_h * out_w)."""
-        return x.index_select(-1, self.flat_index())
+        return x.index_select(-1, self.flat_index)
 
     def cell_counts(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """(in_h, in_w): how many output cells copy each input cell."""
-        row_counts = torch.bincount(self.rows, minlength=self.in_shape[0]).to(dtype)
-        col_counts = torch.bincount(self.cols, minlength=self.in_shape[1]).to(dtype)
+        return self._cell_counts.to(dtype)
+
+    @functools.cached_property
+    def _cell_counts(self) -> Tensor:
+        """int64 cell counts, computed once per map (bincount reads its size back from a GPU)."""
+        row_counts = torch.bincount(self.rows, minlength=self.in_shape[0])
+        col_counts = torch.bincount(self.cols, minlength=self.in_shape[1])
         return row_counts[:, None] * col_counts[None, :]
+
+
+@functools.lru_cache(maxsize=512)
+def _nearest_map(
+    in_shape: tuple[int, int], out_shape: tuple[int, int] | None, factor: int | None, device: torch.device
+) -> NearestMap:
+    """The shared NearestMap to `out_shape` (or by `factor`), so its flat index and cell counts are computed once."""
+    rows = _source_index(in_shape[0], None if out_shape is None else out_shape[0], factor, device)
+    cols = _source_index(in_shape[1], None if out_shape is None else out_shape[1], factor, device)
+    return NearestMap(rows, cols, in_shape)

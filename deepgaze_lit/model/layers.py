@@ -94,11 +94,10 @@ class ScanpathHistoryEncoding(nn.Module):
         (pixels, 0 for missing slots): weight (out_channels, 3 * slots) and per-sample bias (B, out_channels), the
         sum of the present slots' biases (valid (B, slots) bool), so a missing slot contributes exactly 0. In the
         parameters' precision (autocast off): the encoding holds raw pixel offsets."""
-        slots = len(self.convolutions)
         weight = torch.stack([conv.weight.flatten(1) for conv in self.convolutions], dim=-1)  # (out, 3, slots)
         bias = torch.stack([conv.bias for conv in self.convolutions])  # (slots, out)
         with torch.autocast(valid.device.type, enabled=False):
-            return weight.reshape(-1, 3 * slots), valid.to(bias.dtype) @ bias
+            return weight.flatten(1), valid.to(bias.dtype) @ bias
 
 
 class GaussianBlur(nn.Module):
@@ -199,10 +198,13 @@ class _ConvSoftplusLayerNormConv(torch.autograd.Function):
             shift = None
             for positions in hidden.chunks():
                 s = softplus_values(hidden.pre_activation(positions))
-                statistics.add(s)
                 if shift is None:
-                    shift = statistics.mean.to(s.dtype, copy=True)  # (B,): the first chunk's mean
-                projected[:, :, positions] = torch.bmm(scaled, s.sub_(shift[:, None, None]))
+                    shift = s.mean((1, 2))  # (B,): the first chunk's mean
+                    statistics.add_centred(s.sub_(shift[:, None, None]), shift)
+                else:
+                    statistics.add(s)
+                    s.sub_(shift[:, None, None])
+                projected[:, :, positions] = torch.bmm(scaled, s)
             mean, inv_std = statistics.mean_and_inv_std(weight.dtype)
             inv_std = torch.where(constant, 0, inv_std)
             offset = (weight @ beta + bias)[None] - (inv_std * (mean - shift))[:, None] * scaled[0].sum(1)[None]
@@ -297,8 +299,12 @@ class _RunningMoments:
     def add(self, values: Tensor) -> None:
         """values (B, C, n): the next chunk."""
         mean = values.mean((1, 2))
-        sum_squares = torch.linalg.vector_norm(values - mean[:, None, None], dim=(1, 2)).double().square()
-        count = values.shape[1] * values.shape[2]
+        self.add_centred(values - mean[:, None, None], mean)
+
+    def add_centred(self, centred: Tensor, mean: Tensor) -> None:
+        """The next chunk given as its values minus their per-sample mean (B, C, n), and that mean (B,)."""
+        sum_squares = torch.linalg.vector_norm(centred, dim=(1, 2)).double().square()
+        count = centred.shape[1] * centred.shape[2]
         total = self.count + count
         delta = mean.double() - self.mean
         self.mean += delta * (count / total)
