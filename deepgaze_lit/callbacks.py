@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from deepgaze_lit.predict import density_overlay, draw_fixations
+from deepgaze_lit.resilience import PARTIAL_SUFFIX
 
 PERIODIC_CHECKPOINT_EPOCHS = 5
 
@@ -31,7 +32,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(target.name + ".tmp")
+        temporary = target.with_name(target.name + PARTIAL_SUFFIX)
         with open(temporary, "wb") as stream:
             torch.save(checkpoint, stream)
             stream.flush()

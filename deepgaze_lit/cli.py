@@ -30,7 +30,7 @@ from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.dataset import DataError
 from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
 from deepgaze_lit.predict import PredictionWriter
-from deepgaze_lit.resilience import (FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint,
+from deepgaze_lit.resilience import (LAST_NAME, FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint,
                                      checkpoint_global_step, fit_checkpoint, remove_partial_checkpoints,
                                      set_aside_checkpoints_after, start_new_run)
 
@@ -123,17 +123,26 @@ class DeepGazeCLI(LightningCLI):
         continuation this restart abandons) to `checkpoints.<n>/`, so that a later `--ckpt_path last` resumes this
         run, not that one."""
         config = self.config[self.subcommand]
-        best = self.checkpoint_dir / "best.ckpt"
-        if not best.is_file():
-            raise UsageError(f"no best checkpoint of experiment '{config.experiment}': {best} is missing")
+        best = self.named_checkpoint("best")
+        step = checkpoint_global_step(best)
+        if step is None:
+            raise UsageError(f"{best} is not a readable training checkpoint")
         config.ckpt_path = str(best)
         if rank_zero_only.rank != 0:
             return
         remove_partial_checkpoints(self.checkpoint_dir)
-        kept = set_aside_checkpoints_after(self.checkpoint_dir, checkpoint_global_step(best))
+        kept = set_aside_checkpoints_after(self.checkpoint_dir, step)
         if kept is not None:
             print(f"deepgaze: continuing experiment '{config.experiment}' from {best}: the checkpoints written after "
                   f"it are kept in {kept}", file=sys.stderr)
+
+    def named_checkpoint(self, name: str) -> Path:
+        """The experiment's `<name>.ckpt` ("best" or "last"); UsageError when it is missing."""
+        path = self.checkpoint_dir / f"{name}.ckpt"
+        if not path.is_file():
+            raise UsageError(f"no {name} checkpoint of experiment '{self.config[self.subcommand].experiment}': "
+                             f"{path} is missing")
+        return path
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -145,15 +154,11 @@ class DeepGazeCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
-        if ckpt_path in NAMED_CHECKPOINTS:  # fit has resolved "last" already
-            named = self.experiment_dir / "checkpoints" / f"{ckpt_path}.ckpt"
-            if not named.is_file():
-                raise UsageError(f"no {ckpt_path} checkpoint of experiment '{config.experiment}': {named} is missing")
-            config.ckpt_path = ckpt_path = str(named)
-        if ckpt_path not in NAMED_CHECKPOINTS:
-            if not Path(ckpt_path).is_file():
-                raise UsageError(f"checkpoint {ckpt_path} does not exist")
-            require_training_checkpoint(Path(ckpt_path))
+        if ckpt_path in NAMED_CHECKPOINTS:  # fit has resolved its named checkpoints already
+            config.ckpt_path = ckpt_path = str(self.named_checkpoint(ckpt_path))
+        if not Path(ckpt_path).is_file():
+            raise UsageError(f"checkpoint {ckpt_path} does not exist")
+        require_training_checkpoint(Path(ckpt_path))
         # The checkpoint supplies every weight, the frozen backbone's included: rebuilding the model must not need
         # the starting weights (init_from), nor, outside a resumed fit, the ImageNet file.
         config.model.init_from = None
@@ -170,7 +175,7 @@ class DeepGazeCLI(LightningCLI):
         elif logger in (None, True):
             logger = TensorBoardLogger(save_dir=str(experiment_dir), name="logs")
         if self.subcommand == "fit":
-            last = str(self.checkpoint_dir / "last.ckpt")
+            last = str(self.checkpoint_dir / LAST_NAME)
             callbacks += [PreemptionCheckpoint(last), FiniteLossGuard(last)]
             if trainer_config.get("enable_checkpointing") is not False:
                 callbacks += experiment_checkpoints(self.checkpoint_dir)

@@ -151,7 +151,7 @@ class DeepGazeModule(L.LightningModule):
         if feature_cache_mb > 0 or feature_cache_dir is not None:
             self.feature_cache = FeatureCache(feature_cache_mb, feature_cache_dir, feature_cache_disk_mb)
         self._backbone_fingerprint = BackboneFingerprint(self.model.features)
-        self._data_fingerprints: dict[str, str] = {}
+        self._fingerprints: dict[str, tuple[str, str]] = {}  # split -> (data, backbone), taken once per setup
         self._true_log_densities: Optional[Sequence[np.ndarray]] = None  # (H, W) log densities (nats)
         self._reference_results: Optional[dict[str, dict[str, float]]] = None
 
@@ -204,11 +204,9 @@ class DeepGazeModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         if self.feature_cache is None:
             return self.model.backbone_features(images)
-        if stage not in self._data_fingerprints:
-            self._data_fingerprints[stage] = self.trainer.datamodule.data_fingerprint(stage)
-        namespace = feature_namespace(
-            self._data_fingerprints[stage], self._backbone_fingerprint(), compute_signature(images)
-        )
+        if stage not in self._fingerprints:  # the backbone is frozen: its weights change only between runs
+            self._fingerprints[stage] = (self.trainer.datamodule.data_fingerprint(stage), self._backbone_fingerprint())
+        namespace = feature_namespace(*self._fingerprints[stage], compute_signature(images))
         return self.feature_cache.get_or_compute(
             stage, namespace, batch["image_index"], images, self.model.backbone_features
         )
@@ -285,7 +283,7 @@ class DeepGazeModule(L.LightningModule):
     # ---- validation and test --------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        self._data_fingerprints.clear()  # each run may bring other data: fingerprint it again
+        self._fingerprints.clear()  # each run may bring other data or weights: fingerprint them again
         if self.trainer is None or self.trainer.datamodule is None:
             return
         if stage in ("fit", "validate"):

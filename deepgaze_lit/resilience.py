@@ -220,10 +220,6 @@ class FiniteLossGuard(Callback):
 
     def __init__(self, checkpoint_path: str) -> None:
         self.checkpoint_path = Path(checkpoint_path)
-        self._batch_idx = 0
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batch_idx = batch_idx
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         local_finite = bool(torch.isfinite(loss.detach()).all())
@@ -234,6 +230,6 @@ class FiniteLossGuard(Callback):
                  if self.checkpoint_path.is_file() else "no checkpoint (none was written before this step)")
         raise NonFiniteLossError(
             f"the training loss {where} at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch "
-            f"{self._batch_idx}): training stopped before this step's update. The last good state is {saved}; "
+            f"{trainer.fit_loop.epoch_loop.batch_idx}): training stopped before this step's update. The last good state is {saved}; "
             "lower the learning rate or check the data, then resume with --ckpt_path last"
         )
