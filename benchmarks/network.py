@@ -17,7 +17,6 @@ Reference implementation for comparison (2-core CPU, 768x1024, batch 2, 10 compo
 import argparse
 import contextlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,10 +24,11 @@ import time
 
 import torch
 
+from common import REFERENCE, peak_rss_mb
 from deepgaze_lit import DeepGazeIII
 
 FIXATIONS_PER_IMAGE = 20
-REFERENCE = {"size": "768x1024", "step_s": 14.1, "images_per_s": 0.14, "peak_gb": 7.6}
+REFERENCE_PEAK_GB = REFERENCE["peak_rss_mb"] / 1000
 
 
 def parse_args(argv=None):
@@ -131,7 +131,7 @@ def run_one_size(args, size):
     if device.type == "cuda":
         result["train_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     else:
-        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        result["peak_rss_gb"] = peak_rss_mb() * 2**20 / 1e9
     return result
 
 
@@ -164,8 +164,8 @@ def main(argv=None):
         if size == REFERENCE["size"] and args.batch == 2 and args.components == 10 and not args.spatial:
             print(
                 f"{'':>9} vs reference ({REFERENCE['step_s']} s/step, {REFERENCE['images_per_s']} img/s, "
-                f"{REFERENCE['peak_gb']} GB): {REFERENCE['step_s'] / result['train_step_s'][0]:.1f}x the images/s, "
-                f"{peak / REFERENCE['peak_gb']:.2f}x the memory"
+                f"{REFERENCE_PEAK_GB} GB): {REFERENCE['step_s'] / result['train_step_s'][0]:.1f}x the images/s, "
+                f"{peak / REFERENCE_PEAK_GB:.2f}x the memory"
             )
 
 

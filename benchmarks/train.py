@@ -63,14 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     parser.add_argument("--one-run", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32")
+    return args
 
 
 def device_overrides(args) -> list[str]:
-    precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32")
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     options = ["--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.strategy", "auto",
-               "--trainer.precision", precision]
+               "--trainer.precision", args.precision]
     if args.channels_last:
         options += ["--model.channels_last", "true"]
     if args.compile:
@@ -101,7 +102,6 @@ def fit_arguments(args, run: str, workdir: Path, output: Path) -> list[str]:
 
 def run_one(args) -> None:
     """Inside the child process: one `deepgaze fit`."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from deepgaze_lit.cli import main
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -165,7 +165,7 @@ def report(args, results: dict[str, dict]) -> str:
             first, last = result["epochs"][0]["total"], result["epochs"][-1]["total"]
             notes.append(f"{run}: last epoch / first epoch = {last / first:.3f}")
     lines = [f"{torch.get_num_threads()} CPU threads, device {args.device}, precision "
-             f"{args.precision or ('bf16-mixed' if args.device == 'cuda' else '32')}, channels_last "
+             f"{args.precision}, channels_last "
              f"{args.channels_last}, compiled head {args.compile}, malloc {args.malloc}; seconds per epoch",
              format_table(header, rows), *notes]
     if "mit1003" in results:

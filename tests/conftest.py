@@ -3,6 +3,7 @@
 import contextlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,12 @@ import yaml
 
 from deepgaze_lit.cli import main
 from deepgaze_lit.module import DeepGazeModule
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+IG_LINE = re.compile(
+    r"validation IG over centre bias: (-?\d+\.\d+) bit/fix \((-?\d+\.\d+)% of the gold standard (\d+\.\d+) bit/fix\)"
+)
+"""The last line `deepgaze fit` prints when the data has a true density: IG (bit/fix), share of gold (%), gold."""
 
 TINY_EPOCHS = 5
 TINY_TRAIN_IMAGES = 8

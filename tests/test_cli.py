@@ -2,7 +2,6 @@
 validate/test report; resume; every shipped config parses; user errors are one clear line."""
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -10,12 +9,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY_BATCH_SIZE, TINY_EPOCHS, TINY_TRAIN_IMAGES, run_cli, tiny_config, write_config
+from conftest import (IG_LINE, REPOSITORY, TINY_BATCH_SIZE, TINY_EPOCHS, TINY_TRAIN_IMAGES, run_cli, tiny_config,
+                      write_config)
 from deepgaze_lit.cli import main
 from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
 from deepgaze_lit.resilience import checkpoint_global_step, newest_checkpoint
 
-REPOSITORY = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIGS = sorted((REPOSITORY / "configs").glob("*.yaml"))
 STEPS_PER_EPOCH = TINY_TRAIN_IMAGES // TINY_BATCH_SIZE
 
@@ -57,10 +56,7 @@ def test_fit_lowers_the_loss_and_ends_with_the_information_gain_line(trained_exp
     assert len(losses) == TINY_EPOCHS
     assert losses[-1] < losses[0] - 0.05
     line = trained_experiment.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(
-        r"validation IG over centre bias: (-?\d+\.\d+) bit/fix \((-?\d+\.\d+)% of the gold standard (\d+\.\d+) bit/fix\)",
-        line,
-    )
+    match = IG_LINE.fullmatch(line)
     assert match, line
     val_ig = [event.value for event in accumulator.Scalars("val/ig")][-1]
     assert float(match.group(1)) == pytest.approx(val_ig, abs=1e-4)
@@ -80,12 +76,11 @@ def test_checkpoint_loads_with_load_from_checkpoint_and_refuses_another_architec
 @pytest.mark.parametrize("subcommand", ["validate", "test"])
 def test_validate_and_test_from_the_checkpoint_write_a_report(trained_experiment, tmp_path, subcommand):
     checkpoint = trained_experiment.checkpoints / "best.ckpt"
-    stdout = run_cli(
+    run_cli(
         [subcommand, "--config", str(trained_experiment.config), "--ckpt_path", str(checkpoint),
          "--experiment", f"tiny-{subcommand}"],
         tmp_path,
     )
-    del stdout
     run_dir = tmp_path / "experiments" / f"tiny-{subcommand}" / "logs" / "version_0"
     report = json.loads((run_dir / "metrics.json").read_text())
     assert set(report) == {"model", "centerbias", "gold", "explained_information_gain"}

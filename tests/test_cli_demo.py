@@ -4,15 +4,14 @@ centre bias it prints is clearly positive and a large share of the gold standard
 Its duration is printed, not asserted (timings belong in benchmarks/: `benchmarks/train.py` measures the quickstart);
 on an idle 2-core machine it takes about 1.5 minutes."""
 
-import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+from conftest import IG_LINE, REPOSITORY
+
 TIMEOUT_S = 900
 
 
@@ -26,10 +25,7 @@ def test_quickstart_learns_a_positive_share_of_the_gold_information_gain(tmp_pat
     seconds = time.monotonic() - start
     assert finished.returncode == 0, finished.stderr[-3000:]
     last_line = finished.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(
-        r"validation IG over centre bias: (-?\d+\.\d+) bit/fix \((-?\d+\.\d+)% of the gold standard (\d+\.\d+) bit/fix\)",
-        last_line,
-    )
+    match = IG_LINE.fullmatch(last_line)
     assert match, last_line
     ig, share = float(match.group(1)), float(match.group(2))
     print(f"quickstart: {seconds:.0f} s, {last_line}")

@@ -1,7 +1,7 @@
 """The end-to-end benchmark's pieces: the StageTimer's per-epoch split and the report's extrapolation. Times are
 never asserted against targets here; only that the split adds up and counts what it says."""
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -20,10 +20,7 @@ def load_benchmark(name: str):
     """Import benchmarks/<name>.py (the folder is not a package; its modules import each other by name)."""
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(name)
 
 
 @pytest.mark.timeout(300)
