@@ -8,14 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from deepgaze_lit import DeepGazeIII
 from deepgaze_lit.cli import main
 from deepgaze_lit.module import DeepGazeModule
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+DATA = REPOSITORY / "tests" / "data"
 IG_LINE = re.compile(
     r"validation IG over centre bias: (-?\d+\.\d+) bit/fix \((-?\d+\.\d+)% of the gold standard (\d+\.\d+) bit/fix\)"
 )
@@ -126,3 +129,17 @@ class StepLosses(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
+
+
+def load_head_case(name: str, scanpath: bool, components: int):
+    """Our head loaded with a reference head-vector case: (network, features, [centerbias, x_hist, y_hist],
+    expected log density, image shape). Origin: shared/reference/vectors/head_*.npz (reference DeepGazeIIIMixture
+    with random readout parameters)."""
+    data = np.load(DATA / f"{name}.npz")
+    net = DeepGazeIII(num_components=components, scanpath=scanpath, backbone_weights="none")
+    state = {key[len("state/"):]: torch.from_numpy(data[key]) for key in data.files if key.startswith("state/")}
+    report = net.load_weights(state, strict=False)
+    assert not report.unexpected and all(key.startswith("features.") for key in report.missing)
+    features = torch.cat([torch.from_numpy(data[f"feature_{i}"]) for i in range(3)], dim=1)
+    inputs = [torch.from_numpy(data[key]) for key in ("centerbias", "x_hist", "y_hist")]
+    return net, features, inputs, torch.from_numpy(data["expected_log_density"]), tuple(data["image_shape"])

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from conftest import load_head_case
 from deepgaze_lit import DeepGazeIII
 from deepgaze_lit.model import MIN_IMAGE_SIDE, imagenet_weights_path
 from deepgaze_lit.model.backbone import backbone_output_side
@@ -61,18 +62,6 @@ def test_release_layout_loads_strictly_and_from_release(tmp_path):
     for key, value in fold3.state_dict().items():
         source = key.replace("networks.0.", "networks.3.").replace("finalizers.0.", "finalizers.3.")
         assert torch.equal(value, release[source]), key
-
-
-def load_head_case(name, scanpath, components):
-    # Origin: shared/reference/vectors/head_*.npz (reference DeepGazeIIIMixture with random readout parameters).
-    data = np.load(DATA / f"{name}.npz")
-    net = DeepGazeIII(num_components=components, scanpath=scanpath, backbone_weights="none")
-    state = {key[len("state/"):]: torch.from_numpy(data[key]) for key in data.files if key.startswith("state/")}
-    report = net.load_weights(state, strict=False)
-    assert not report.unexpected and all(key.startswith("features.") for key in report.missing)
-    features = torch.cat([torch.from_numpy(data[f"feature_{i}"]) for i in range(3)], dim=1)
-    inputs = [torch.from_numpy(data[key]) for key in ("centerbias", "x_hist", "y_hist")]
-    return net, features, inputs, torch.from_numpy(data["expected_log_density"]), tuple(data["image_shape"])
 
 
 @pytest.mark.parametrize("name, scanpath, components", [("head_scanpath", True, 2), ("head_spatial", False, 1)])

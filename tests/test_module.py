@@ -2,13 +2,13 @@
 
 import math
 import re
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
+from conftest import load_head_case
 from deepgaze_lit.model import DeepGazeIII
 from deepgaze_lit.module import (
     NUM_PROBES,
@@ -19,30 +19,11 @@ from deepgaze_lit.module import (
     weighted_nll_bits,
 )
 
-DATA = Path(__file__).parent / "data"
-
-
-def head_vectors_model_and_block():
-    """The reference head vectors (origin: shared/reference/vectors/head_scanpath.npz, reference
-    DeepGazeIIIMixture with 2 scanpath components) run through our head."""
-    vectors = np.load(DATA / "head_scanpath.npz")
-    model = DeepGazeIII(num_components=2, scanpath=True, backbone_weights="none")
-    state = {key[len("state/"):]: torch.from_numpy(vectors[key]) for key in vectors.files if key.startswith("state/")}
-    report = model.load_weights(state, strict=False)
-    assert not report.unexpected and all(key.startswith("features.") for key in report.missing)
-    features = torch.cat([torch.from_numpy(vectors[f"feature_{i}"]) for i in range(3)], dim=1)
-    block = model.head(
-        features,
-        torch.from_numpy(vectors["centerbias"]),
-        torch.from_numpy(vectors["x_hist"]),
-        torch.from_numpy(vectors["y_hist"]),
-    )
-    return vectors, block
-
 
 def test_loss_equals_direct_computation_from_head_vectors():
-    vectors, block = head_vectors_model_and_block()
-    expected = vectors["expected_log_density"][:, 0].astype(np.float64)
+    net, features, inputs, expected, _ = load_head_case("head_scanpath", True, 2)
+    block = net.head(features, *inputs)
+    expected = expected[:, 0].double().numpy()
     batch_size, height, width = expected.shape
     rng = np.random.default_rng(3)
     counts = [5, 1, 12]
