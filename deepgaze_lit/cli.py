@@ -27,7 +27,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from deepgaze_lit.callbacks import AtomicCheckpointIO, ValidationPanel, experiment_checkpoints
 from deepgaze_lit.data.datamodule import SaliencyDataModule
-from deepgaze_lit.data.dataset import DataError
+from deepgaze_lit.data.errors import DataError
 from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
 from deepgaze_lit.predict import PredictionWriter
 from deepgaze_lit.resilience import (LAST_NAME, FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint,

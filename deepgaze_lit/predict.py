@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from deepgaze_lit.data.dataset import load_rgb
+from deepgaze_lit.data.images import load_rgb
 from deepgaze_lit.data.resize import resize_log_density
 
 # Anchor colours (RGB 0..255) of a dark-to-bright heat colour map, evenly spaced over [0, 1].

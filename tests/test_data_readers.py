@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from deepgaze_lit.data import DataError, read_csv_dataset, read_mit1003, read_pysaliency
-from deepgaze_lit.data.dataset import load_rgb
+from deepgaze_lit.data.images import load_rgb
 
 # Origin: fixture written by pysaliency 0.2.22 itself (the shared fixtures folder pysaliency_mini), copied into tests/data.
 FIXTURE = Path(__file__).parent / "data" / "pysaliency_mini"

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from deepgaze_lit.data import make_synthetic
 from deepgaze_lit.data.centerbias import UniformCenterbias
-from deepgaze_lit.data.dataset import LazySequence
+from deepgaze_lit.data.lazy import LazySequence
 from deepgaze_lit.data.synthetic import CACHE_ITEMS
 from deepgaze_lit.data.torch_dataset import CenterbiasTensors, ImageSamples, collate_samples
 

@@ -7,7 +7,9 @@ from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, Cro
                          TemplateCenterbias, UniformCenterbias, centerbias_log_density)
 from .csv_dataset import read_csv_dataset
 from .datamodule import SaliencyDataModule
-from .dataset import DataError, FixationDataset, load_rgb
+from .dataset import FixationDataset
+from .errors import DataError
+from .images import load_rgb
 from .mit1003 import read_mit1003
 from .pysaliency_io import read_pysaliency
 from .resize import target_shape

@@ -12,7 +12,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
 from scipy.special import logsumexp
 
-from .dataset import DataError, FixationDataset
+from .dataset import FixationDataset
+from .errors import DataError
 
 MIT1003_BANDWIDTH = 10 ** -1.6667673342543432
 """KDE bandwidth fitted on MIT1003, as a fraction of the image height (rows) and width (columns)."""

@@ -9,7 +9,9 @@ from typing import Optional
 
 import numpy as np
 
-from .dataset import DataError, FixationDataset, is_image_file, natural_key, read_image_size
+from .dataset import FixationDataset
+from .errors import DataError
+from .images import is_image_file, natural_key, read_image_size
 
 REQUIRED_COLUMNS = ("image", "x", "y")
 OPTIONAL_COLUMNS = ("subject", "t", "scanpath")

@@ -16,15 +16,14 @@ from torch.utils.data import DataLoader
 from ..resilience import ignore_requeue_signal
 from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, CenterbiasModel, TemplateCenterbias,
                          UniformCenterbias)
-from .csv_dataset import read_csv_dataset
-from .dataset import DataError, FixationDataset, is_image_file, natural_key
+from .dataset import FixationDataset
+from .errors import DataError
 from .image_cache import SharedImageCache
-from .mit1003 import read_mit1003
-from .pysaliency_io import read_pysaliency
+from .images import image_files
+from .readers import SourceSettings, read_source, reader_for
 from .resize import target_shapes
 from .sampler import ResumableDataLoader, ShapeBucketBatchSampler
 from .splits import crossval_split, holdout_split
-from .synthetic import make_synthetic
 from .torch_dataset import (CenterbiasTensors, FixationSamples, ImageSamples, PredictImages, collate_predict,
                             collate_samples)
 
@@ -39,10 +38,10 @@ class SaliencyDataModule(pl.LightningDataModule):
     `split_dataset(stage)`. One summary line (images, fixations, dropped, per split) is printed at setup.
 
     Args:
-        source: where the data comes from. "synthetic": built-in images with a known fixation density;
-            "pysaliency": pysaliency 0.2.22 cache (stimuli.hdf5 + fixations.hdf5) in `path`; "mit1003": the
-            official MIT1003 download (ALLSTIMULI/, ALLFIXATIONMAPS/) in `path`; "csv": images in `path`,
-            fixations in `csv_path`.
+        source: where the data comes from, a format registered in `data/readers.py`: "synthetic": built-in
+            images with a known fixation density; "pysaliency": pysaliency 0.2.22 cache (stimuli.hdf5 +
+            fixations.hdf5) in `path`; "mit1003": the official MIT1003 download (ALLSTIMULI/, ALLFIXATIONMAPS/) in
+            `path`; "csv": images in `path`, fixations in `csv_path`.
         path: dataset folder (pysaliency, mit1003) or image folder (csv).
         csv_path: CSV of fixations (columns image,x,y and optional subject,t,scanpath), for source "csv".
         synthetic_images: number of synthetic images.
@@ -84,7 +83,7 @@ class SaliencyDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source: Literal["synthetic", "pysaliency", "mit1003", "csv"] = "synthetic",
+        source: str = "synthetic",
         path: Optional[str] = None,
         csv_path: Optional[str] = None,
         synthetic_images: int = 100,
@@ -118,10 +117,7 @@ class SaliencyDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         if history == "real" and targets != "fixation":
             raise ValueError("history 'real' needs targets 'fixation': every fixation has its own history")
-        if source != "synthetic" and path is None:
-            raise ValueError(f"source '{source}' needs data.path (the dataset or image folder)")
-        if source == "csv" and csv_path is None:
-            raise ValueError("source 'csv' needs data.csv_path (the CSV of fixations)")
+        reader_for(source, self._source_settings())
         if resize == "max_side" and (max_side is None or max_side < 1):
             raise ValueError("resize 'max_side' needs a positive data.max_side (pixels)")
         if centerbias == "template" and centerbias_template is None:
@@ -145,17 +141,11 @@ class SaliencyDataModule(pl.LightningDataModule):
             return
         self._setup_splits()
 
+    def _source_settings(self) -> SourceSettings:
+        return SourceSettings.pick(self.hparams)
+
     def _read_source(self) -> FixationDataset:
-        hp = self.hparams
-        if hp.source == "synthetic":
-            return make_synthetic(n_images=hp.synthetic_images, seed=hp.synthetic_seed,
-                                  sizes=[tuple(size) for size in hp.synthetic_sizes], subjects=hp.synthetic_subjects,
-                                  initial_fixation=hp.initial_fixation is not False)
-        if hp.source == "pysaliency":
-            return read_pysaliency(hp.path, initial_fixation=hp.initial_fixation)
-        if hp.source == "mit1003":
-            return read_mit1003(hp.path)
-        return read_csv_dataset(hp.path, hp.csv_path, initial_fixation=hp.initial_fixation)
+        return read_source(self.hparams.source, self._source_settings())
 
     def _split_indices(self, n_images: int) -> dict[str, np.ndarray]:
         hp = self.hparams
@@ -299,7 +289,7 @@ class SaliencyDataModule(pl.LightningDataModule):
         folder = Path(folder)
         if not folder.is_dir():
             raise DataError(f"{folder}: prediction folder not found; expected a folder of images")
-        paths = sorted((file for file in folder.iterdir() if is_image_file(file)), key=lambda f: natural_key(f.name))
+        paths = image_files(folder)
         if not paths:
             raise DataError(f"{folder}: no images (expected files ending in .jpg, .jpeg, .png, ...)")
         return [str(path) for path in paths]

@@ -1,135 +1,29 @@
-"""FixationDataset: the one in-memory form of every eye-tracking source (stimuli + fixations), image decoding, and
-LazySequence, the read-only sequence of arrays made on access (synthetic images and true densities)."""
+"""FixationDataset: the one in-memory form of every eye-tracking source (stimuli + fixations), and the detection
+of forced initial central fixations."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import operator
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from .errors import DataError
+from .images import load_rgb
+from .lazy import LazySequence, take_items
 from .resize import resize_image, resize_log_density
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
-"""File name endings (lower case) treated as images when a folder is listed."""
 
 INITIAL_FIXATION_RADIUS = 0.15
 """Auto-detection: a scanpath start counts as central within this fraction of the image's shorter side."""
 INITIAL_FIXATION_SHARE = 0.8
 """Auto-detection: scanpaths start with a forced central fixation when at least this share of starts is central."""
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file or folder and what was expected."""
-
-
-def natural_key(name: str) -> list:
-    """Sort key ordering embedded numbers by value ("img2" before "img10"), as pysaliency's `natsorted`."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def is_image_file(path: Path) -> bool:
-    """Whether `path` is a regular file with an image extension (stray files such as Thumbs.db are not)."""
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def read_image_size(path: str | Path) -> tuple[int, int]:
-    """(H, W) in pixels from the image header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: image file not found") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: not a readable image ({err}); expected an image file such as JPEG or PNG") from err
-    return height, width
-
-
-def pil_to_rgb(image: Image.Image) -> np.ndarray:
-    """(H,W,3) uint8 RGB from any Pillow mode: greyscale, palette, CMYK, RGBA (alpha dropped), 16-bit grey."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        grey = np.asarray(image).astype(np.float64) / 257.0
-        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.array(image, dtype=np.uint8)
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to an (H,W,3) uint8 RGB array; raises DataError naming the file when it cannot."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return pil_to_rgb(image)
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: image file not found") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot decode image ({err}); "
-                        "expected a readable image file such as JPEG or PNG") from err
-
-
-class LazySequence(Sequence):
-    """Read-only sequence of arrays made on access (the sequence keeps none): item i is `load(indices[i])`, passed
-    through each step `function(item, arguments[i])` in turn.
-
-    `take` (a subset) and `map` (one more per-item step) return new views without making any item. Pickling copies
-    `load` (it must be picklable, e.g. a bound method of a small object), the indices and the step arguments, so
-    loader workers (fork or spawn) make the items themselves.
-    """
-
-    def __init__(self, load: Callable[[int], np.ndarray], indices: int | Sequence[int],
-                 steps: Sequence[tuple[Callable[[np.ndarray, Any], np.ndarray], np.ndarray]] = ()):
-        self.load = load
-        self.indices = np.arange(indices) if isinstance(indices, int) else np.asarray(indices, np.int64).reshape(-1)
-        self.steps = tuple(steps)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.take(np.arange(len(self))[index])
-        position = operator.index(index)
-        if not -len(self) <= position < len(self):
-            raise IndexError(f"index {position} out of range for {len(self)} items")
-        position %= len(self)
-        item = self.load(int(self.indices[position]))
-        for function, arguments in self.steps:
-            item = function(item, arguments[position])
-        return item
-
-    def __repr__(self) -> str:
-        return f"LazySequence({len(self)} items of {self.load!r}, {len(self.steps)} step(s))"
-
-    def take(self, positions: Sequence[int]) -> "LazySequence":
-        """The items at `positions` (in that order), still lazy."""
-        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        return LazySequence(self.load, self.indices[positions],
-                            [(function, arguments[positions]) for function, arguments in self.steps])
-
-    def map(self, function: Callable[[np.ndarray, Any], np.ndarray], arguments: np.ndarray) -> "LazySequence":
-        """Item i becomes `function(item, arguments[i])`, still lazy; `arguments` has one entry (row) per item."""
-        arguments = np.asarray(arguments)
-        if len(arguments) != len(self):
-            raise ValueError(f"{len(arguments)} step arguments for {len(self)} items")
-        return LazySequence(self.load, self.indices, [*self.steps, (function, arguments)])
-
-
-def _take(items: Sequence[np.ndarray], indices: np.ndarray) -> Sequence[np.ndarray]:
-    """Items `indices` of a list (a new list of the same arrays) or of a LazySequence (a lazy view)."""
-    if isinstance(items, LazySequence):
-        return items.take(indices)
-    return [items[i] for i in indices]
+PER_FIXATION_FIELDS = ("x", "y", "n", "subject", "t", "x_hist", "y_hist", "scanpath_index", "is_initial")
+"""The FixationDataset attributes with one row per fixation: selecting fixations selects rows of all of them."""
 
 
 def _float_array(values, length: int, fill: float) -> np.ndarray:
@@ -224,11 +118,10 @@ class FixationDataset:
 
     def _check_consistent(self) -> None:
         count, n_images = len(self.x), len(self.shapes)
-        per_fixation = {"y": self.y, "n": self.n, "subject": self.subject, "t": self.t, "x_hist": self.x_hist,
-                        "y_hist": self.y_hist, "scanpath_index": self.scanpath_index, "is_initial": self.is_initial}
-        for name, values in per_fixation.items():
-            if len(values) != count:
-                raise ValueError(f"{self.source}: {name} has {len(values)} rows, expected {count} (one per fixation)")
+        for name in PER_FIXATION_FIELDS:
+            rows = len(getattr(self, name))
+            if rows != count:
+                raise ValueError(f"{self.source}: {name} has {rows} rows, expected {count} (one per fixation)")
         if self.x_hist.shape != self.y_hist.shape:
             raise ValueError(f"{self.source}: x_hist {self.x_hist.shape} and y_hist {self.y_hist.shape} differ")
         if count and (self.n.min() < 0 or self.n.max() >= n_images):
@@ -242,6 +135,10 @@ class FixationDataset:
                 raise ValueError(f"{self.source}: {len(values)} {name} for {n_images} images")
         if self.true_log_densities is not None and len(self.true_log_densities) != n_images:
             raise ValueError(f"{self.source}: {len(self.true_log_densities)} true densities for {n_images} images")
+
+    def _fixation_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Every per-fixation field (PER_FIXATION_FIELDS) at `rows` (a boolean mask or indices of fixations)."""
+        return {name: getattr(self, name)[rows] for name in PER_FIXATION_FIELDS}
 
     @property
     def n_images(self) -> int:
@@ -305,19 +202,18 @@ class FixationDataset:
             raise ValueError("subset indices must not repeat an image")
         new_position = np.full(self.n_images, -1, dtype=np.int64)
         new_position[indices] = np.arange(len(indices))
-        keep = new_position[self.n] >= 0
+        fixations = self._fixation_rows(new_position[self.n] >= 0)
+        fixations["n"] = new_position[fixations["n"]]
         return replace(
             self,
+            **fixations,
             shapes=self.shapes[indices],
-            x=self.x[keep], y=self.y[keep], n=new_position[self.n[keep]],
-            subject=self.subject[keep], t=self.t[keep],
-            x_hist=self.x_hist[keep], y_hist=self.y_hist[keep],
-            scanpath_index=self.scanpath_index[keep], is_initial=self.is_initial[keep],
             image_paths=None if self.image_paths is None else [self.image_paths[i] for i in indices],
-            images=None if self.images is None else _take(self.images, indices),
+            images=None if self.images is None else take_items(self.images, indices),
             native_shapes=self.native_shapes[indices],
             image_ids=self.image_ids[indices],
-            true_log_densities=None if self.true_log_densities is None else _take(self.true_log_densities, indices),
+            true_log_densities=(None if self.true_log_densities is None
+                                else take_items(self.true_log_densities, indices)),
         )
 
     def resized(self, shapes: np.ndarray) -> "FixationDataset":
@@ -356,14 +252,7 @@ class FixationDataset:
         if dropped == 0:
             return self
         log.info("%s: dropped %d of %d fixations outside their image", self.source, dropped, self.n_fixations)
-        return replace(
-            self,
-            x=self.x[inside], y=self.y[inside], n=self.n[inside],
-            subject=self.subject[inside], t=self.t[inside],
-            x_hist=self.x_hist[inside], y_hist=self.y_hist[inside],
-            scanpath_index=self.scanpath_index[inside], is_initial=self.is_initial[inside],
-            dropped_fixations=self.dropped_fixations + dropped,
-        )
+        return replace(self, **self._fixation_rows(inside), dropped_fixations=self.dropped_fixations + dropped)
 
     @classmethod
     def from_scanpaths(cls, shapes: np.ndarray, xs: np.ndarray, ys: np.ndarray, ts: np.ndarray, ns: np.ndarray,

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import DataError, FixationDataset, is_image_file, load_rgb, natural_key, read_image_size
+from .dataset import FixationDataset
+from .errors import DataError
+from .images import image_files, load_rgb, read_image_size
 
 FIXPTS_THRESHOLD = 128
 """A pixel of a JPEG-compressed fixation-point map counts as fixated when its grey value is >= this (0..255).
@@ -30,7 +32,7 @@ def read_mit1003(path: str | Path, threshold: int = FIXPTS_THRESHOLD) -> Fixatio
         if not folder.is_dir():
             raise DataError(f"{folder}: folder not found; expected the MIT1003 download with ALLSTIMULI/ and "
                             "ALLFIXATIONMAPS/ inside")
-    files = sorted((file for file in stimuli_dir.iterdir() if is_image_file(file)), key=lambda f: natural_key(f.name))
+    files = image_files(stimuli_dir)
     if not files:
         raise DataError(f"{stimuli_dir}: no images; expected the 1003 MIT1003 stimuli (*.jpeg)")
     shapes, xs, ys, ns = [], [], [], []

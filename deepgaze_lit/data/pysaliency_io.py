@@ -10,7 +10,9 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from .dataset import DataError, FixationDataset, pil_to_rgb, detect_initial_fixations
+from .dataset import FixationDataset, detect_initial_fixations
+from .errors import DataError
+from .images import pil_to_rgb
 
 STIMULI_VERSIONS = {"FileStimuli": ("1.0", "2.0", "2.1"), "Stimuli": ("1.0", "1.1")}
 FIXATIONS_VERSIONS = {"FixationTrains": ("1.0", "1.1", "1.2"), "Fixations": ("1.0",)}

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .dataset import FixationDataset, LazySequence
+from .dataset import FixationDataset
+from .lazy import LazySequence
 
 BLOCK_FRACTION = 1 / 16
 """Background noise blocks are this fraction of the shorter image side."""

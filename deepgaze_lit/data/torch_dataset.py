@@ -15,8 +15,10 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from .centerbias import CenterbiasModel
-from .dataset import DataError, FixationDataset, load_rgb
+from .dataset import FixationDataset
+from .errors import DataError
 from .image_cache import SharedImageCache
+from .images import load_rgb
 from .resize import ResizePolicy, resize_image, target_shape
 
 HistoryMode = Literal["none", "dummy", "real"]
