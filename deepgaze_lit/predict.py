@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
+from deepgaze_lit.batch import PredictBatch
 from deepgaze_lit.data.images import load_rgb
 from deepgaze_lit.data.resize import resize_log_density
 
@@ -60,9 +61,9 @@ class PredictionWriter(BasePredictionWriter):
     """Write `<stem>.npy` (float32 (H,W) log density in nats at the input file's size) and `<stem>.png` (heatmap
     overlay on the input image) for every image of a predict batch into `output_dir`.
 
-    Expects predict batches with `image` (B,3,H,W) uint8, `path` (list of B file names) and `original_shape`
-    (B,2) (H, W) of the files, and the module's `predict_step` returning the log density (B,1,H,W) at the network
-    input size. A density predicted on a resized image is resized back (bilinear, renormalised).
+    Expects `PredictBatch`es (`image`, `path`, `original_shape` are used) and the module's `predict_step`
+    returning the log density (B,1,H,W) at the network input size. A density predicted on a resized image is
+    resized back (bilinear, renormalised).
     """
 
     def __init__(self, output_dir: str) -> None:
@@ -76,7 +77,7 @@ class PredictionWriter(BasePredictionWriter):
         pl_module: Any,
         prediction: torch.Tensor,
         batch_indices: Optional[Sequence[int]],
-        batch: dict,
+        batch: PredictBatch,
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from deepgaze_lit.batch import MIN_IMAGE_SIDE
 from deepgaze_lit.data import (BaselineCenterbias, DataError, FixationSamples, SaliencyDataModule, make_synthetic,
                                read_mit1003)
 from deepgaze_lit.data.centerbias import UniformCenterbias
@@ -179,6 +180,20 @@ def test_predict_loader(tmp_path):
         _batches(SaliencyDataModule(centerbias="uniform", predict_dir=str(folder)).predict_dataloader())
     with pytest.raises(DataError, match="prediction folder not found"):
         SaliencyDataModule(centerbias="uniform", predict_dir=str(tmp_path / "none")).setup("predict")
+
+
+def test_predict_accepts_the_sizes_the_network_accepts(tmp_path):
+    """58 px (the network's minimum, see test_model) is predicted; 57 px is refused with the file named."""
+    assert MIN_IMAGE_SIDE == 58
+    folder = tmp_path / "predict"
+    folder.mkdir()
+    Image.fromarray(np.zeros((58, 90, 3), np.uint8)).save(folder / "a.png")
+    data = SaliencyDataModule(centerbias="uniform", predict_dir=str(folder))
+    data.setup("predict")
+    assert _batches(data.predict_dataloader())[0]["image"].shape == (1, 3, 58, 90)
+    Image.fromarray(np.zeros((90, 57, 3), np.uint8)).save(folder / "b.png")
+    with pytest.raises(DataError, match=r"b.png: image is 90x57 pixels .* expected both sides >= 58"):
+        _batches(data.predict_dataloader())
 
 
 def test_missing_paths_fail_with_the_path(tmp_path):

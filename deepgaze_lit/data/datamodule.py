@@ -76,9 +76,10 @@ class SaliencyDataModule(pl.LightningDataModule):
         seed: seed of the training order; epoch e's order depends only on (seed, e).
         image_cache_mb: budget in MB of the shared-memory cache of decoded, resized images, shared by the loader
             workers of one process (0: decode each time). MIT1003 at two_sizes needs about 2.4 GB.
-        predict_dir: folder of images for `deepgaze predict` (any size Pillow reads; both sides >= 64 px after
-            resizing, smaller images raise an error). Prediction uses the configured `centerbias`: "kde" reads
-            the training data to build it; with the released weights use "template" and centerbias_mit1003.npy.
+        predict_dir: folder of images for `deepgaze predict` (any size Pillow reads; both sides at least
+            `batch.MIN_IMAGE_SIDE` pixels after resizing, the network's limit; smaller images raise an error).
+            Prediction uses the configured `centerbias`: "kde" reads the training data to build it; with the
+            released weights use "template" and centerbias_mit1003.npy.
     """
 
     def __init__(

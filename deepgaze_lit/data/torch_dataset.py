@@ -1,9 +1,5 @@
-"""Torch datasets producing the batch dict of ARCHITECTURE.md, per image or per fixation, and the predict images.
-
-Batch keys: image (B,3,H,W) uint8 RGB; centerbias (B,H,W) float32 log density (nats); x_hist, y_hist (B,4)
-float32 pixels, most recent fixation first, NaN = missing; fix_batch (K,) int64 sample of each target fixation;
-fix_x, fix_y (K,) float64 pixels (float64 so that int(x) picks the same pixel as pysaliency); weight (B,) float32; image_index (B,) int64 index into the split's dataset.
-"""
+"""Torch datasets producing the batches of `deepgaze_lit.batch` (`Batch` per image or per fixation, `PredictBatch`
+for prediction images) and their collate functions."""
 
 from __future__ import annotations
 
@@ -14,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from ..batch import HISTORY_LENGTH, MIN_IMAGE_SIDE, Batch, PredictBatch, central_history, missing_history
 from .centerbias import CenterbiasModel
 from .dataset import FixationDataset
 from .errors import DataError
@@ -22,10 +19,6 @@ from .images import load_rgb
 from .resize import ResizePolicy, resize_image, target_shape
 
 HistoryMode = Literal["none", "dummy", "real"]
-HISTORY_SLOTS = 4
-"""Number of history fixations the network sees."""
-MIN_IMAGE_SIDE = 64
-"""Smallest image side (pixels) the network accepts: its backbone has stride 64."""
 
 
 class CenterbiasTensors:
@@ -44,21 +37,24 @@ class CenterbiasTensors:
 
 
 def history_slots(mode: HistoryMode, shape: Sequence[int], x_hist: Optional[np.ndarray] = None,
-                  y_hist: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(4,) float32 x and y history slots (pixels) for an image of `shape` (H, W), most recent first, NaN = missing.
+                  y_hist: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(HISTORY_LENGTH,) float32 x and y history slots (pixels) of one sample for an image of `shape` (H, W), most
+    recent first, NaN = missing.
 
-    `none`: all NaN. `dummy`: slot 0 = image centre (W/2, H/2), others NaN. `real`: the last four entries of the
-    chronological, NaN-padded pysaliency history rows `x_hist`, `y_hist` of one fixation, reversed.
+    `none`: all NaN. `dummy`: the central history (`batch.central_history`). `real`: the last HISTORY_LENGTH
+    entries of the chronological, NaN-padded pysaliency history rows `x_hist`, `y_hist` of one fixation, reversed.
     """
-    xs = np.full(HISTORY_SLOTS, np.nan, dtype=np.float32)
-    ys = np.full(HISTORY_SLOTS, np.nan, dtype=np.float32)
     if mode == "dummy":
-        xs[0], ys[0] = shape[1] / 2, shape[0] / 2
-    elif mode == "real":
+        xs, ys = central_history(1, int(shape[0]), int(shape[1]))
+        return xs[0], ys[0]
+    xs, ys = missing_history(1)
+    xs, ys = xs[0], ys[0]
+    if mode == "real":
         recorded = ~np.isnan(x_hist)
-        recent_x = x_hist[recorded][::-1][:HISTORY_SLOTS]
-        recent_y = y_hist[recorded][::-1][:HISTORY_SLOTS]
-        xs[:len(recent_x)], ys[:len(recent_y)] = recent_x, recent_y
+        recent_x = x_hist[recorded][::-1][:HISTORY_LENGTH]
+        recent_y = y_hist[recorded][::-1][:HISTORY_LENGTH]
+        xs[:len(recent_x)] = torch.from_numpy(recent_x.astype(np.float32))
+        ys[:len(recent_y)] = torch.from_numpy(recent_y.astype(np.float32))
     return xs, ys
 
 
@@ -96,8 +92,8 @@ class _Samples(Dataset):
         return {
             "image": self._image(index),
             "centerbias": self.centerbias(shape),
-            "x_hist": torch.from_numpy(x_hist),
-            "y_hist": torch.from_numpy(y_hist),
+            "x_hist": x_hist,
+            "y_hist": y_hist,
             "fix_x": torch.from_numpy(self.dataset.x[fixations].astype(np.float64)),
             "fix_y": torch.from_numpy(self.dataset.y[fixations].astype(np.float64)),
             "weight": weight,
@@ -165,7 +161,7 @@ def _stack(samples: list[dict], key: str) -> torch.Tensor:
     return out
 
 
-def collate_samples(samples: list[dict]) -> dict:
+def collate_samples(samples: list[dict]) -> Batch:
     """Stack samples of one image size into the batch dict (target fixations concatenated with `fix_batch`)."""
     shapes = {tuple(sample["image"].shape) for sample in samples}
     if len(shapes) != 1:
@@ -187,9 +183,9 @@ def collate_samples(samples: list[dict]) -> dict:
 class PredictImages(Dataset):
     """Arbitrary image files for prediction, resized by the training policy, with a dummy central history.
 
-    Items: image (3,H,W) uint8, centerbias (H,W) float32, x_hist/y_hist (4,) float32, path (str),
-    original_shape (2,) int64 (H, W) of the file before resizing. Images with a side under MIN_IMAGE_SIDE
-    pixels (after resizing) raise DataError: the network cannot process them and upscaling would invent detail.
+    Items: one sample of a `PredictBatch` (the fields without the batch dimension; path a str). Images with a side
+    under MIN_IMAGE_SIDE pixels (after resizing) raise DataError: the network cannot process them and upscaling
+    would invent detail.
     """
 
     def __init__(self, paths: Sequence[str | Path], centerbias: CenterbiasTensors, resize: ResizePolicy = "native",
@@ -213,14 +209,14 @@ class PredictImages(Dataset):
         return {
             "image": torch.from_numpy(np.ascontiguousarray(resize_image(native, shape).transpose(2, 0, 1))),
             "centerbias": self.centerbias(shape),
-            "x_hist": torch.from_numpy(x_hist),
-            "y_hist": torch.from_numpy(y_hist),
+            "x_hist": x_hist,
+            "y_hist": y_hist,
             "path": path,
             "original_shape": torch.tensor(native.shape[:2], dtype=torch.int64),
         }
 
 
-def collate_predict(samples: list[dict]) -> dict:
+def collate_predict(samples: list[dict]) -> PredictBatch:
     """Stack predict items of one size; `path` stays a list of str."""
     batch = {key: _stack(samples, key) for key in ("image", "centerbias", "x_hist", "y_hist", "original_shape")}
     batch["path"] = [sample["path"] for sample in samples]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models import DenseNet201_Weights, densenet201
 
+from deepgaze_lit.batch import MIN_IMAGE_SIDE
 from deepgaze_lit.model.grids import DOWNSAMPLE
 
 IMAGENET_WEIGHTS = DenseNet201_Weights.IMAGENET1K_V1
@@ -36,23 +37,15 @@ def imagenet_weights_path() -> Path:
 
 
 def backbone_output_side(side: int) -> int:
-    """Side of the DenseNet-201 feature maps (stride 32) for a backbone input side (pixels); 0 = too small."""
+    """Side of the DenseNet-201 feature maps (stride 32) for a backbone input side (pixels); 0 = too small.
+
+    The arithmetic behind `batch.MIN_IMAGE_SIDE`: the smallest image side whose subsampled side gives 1 here.
+    """
     side = (side + 2 * 3 - 7) // 2 + 1  # conv0: 7x7, stride 2, padding 3
     side = (side + 2 * 1 - 3) // 2 + 1  # pool0: 3x3 max pool, stride 2, padding 1
     for _ in range(3):  # transitions 1-3: 2x2 average pool, stride 2
         side = side // 2 if side >= 2 else 0
     return side
-
-
-def minimum_image_side() -> int:
-    """Smallest image side (pixels) DeepGaze III accepts: after subsampling by 2, DenseNet-201 needs >= 1 output."""
-    side = 1
-    while backbone_output_side(side // DOWNSAMPLE) < 1:
-        side += 1
-    return side
-
-
-MIN_IMAGE_SIDE = minimum_image_side()
 
 
 def read_densenet_state_dict(path: str | Path) -> dict[str, Tensor]:

@@ -18,12 +18,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from deepgaze_lit.batch import HISTORY_LENGTH, missing_history
 from deepgaze_lit.model.backbone import FEATURE_CHANNELS, DenseNetFeatures, check_image_side
 from deepgaze_lit.model.checkpoint import LoadReport, load_weights
 from deepgaze_lit.model.grids import DOWNSAMPLE, SALIENCY_MAP_FACTOR, NearestMap, readout_shape
 from deepgaze_lit.model.layers import normalise
 from deepgaze_lit.model.readout import (
-    HISTORY_LENGTH,
     Finalizer,
     FixationSelectionNetwork,
     SaliencyNetwork,
@@ -243,8 +243,7 @@ class DeepGazeIII(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The (B, 4) history coordinates; None for both means no history (all slots missing)."""
         if x_hist is None and y_hist is None:
-            missing = torch.full((batch, HISTORY_LENGTH), float("nan"), dtype=dtype, device=device)
-            return missing, missing
+            return missing_history(batch, dtype, device)
         if x_hist is None or y_hist is None:
             raise ValueError("give both x_hist and y_hist, or neither")
         for name, hist in (("x_hist", x_hist), ("y_hist", y_hist)):

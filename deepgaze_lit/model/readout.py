@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from deepgaze_lit.batch import HISTORY_LENGTH
 from deepgaze_lit.model.backbone import FEATURE_CHANNELS
 from deepgaze_lit.model.grids import NearestMap
 from deepgaze_lit.model.layers import (
@@ -28,7 +29,6 @@ from deepgaze_lit.model.layers import (
     softplus,
 )
 
-HISTORY_LENGTH = 4
 SCANPATH_CHANNELS = 16
 
 
