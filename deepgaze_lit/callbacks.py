@@ -10,14 +10,12 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from PIL import Image
 
-from deepgaze_lit.predict import density_overlay, draw_fixations
+from deepgaze_lit.rendering import render_panel
 from deepgaze_lit.resilience import PARTIAL_SUFFIX
 
 PERIODIC_CHECKPOINT_EPOCHS = 5
@@ -52,24 +50,6 @@ def experiment_checkpoints(dirpath: Path, monitor: str = "val/loss") -> list[Mod
     )
     last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
     return [best, periodic, last]
-
-
-def render_panel(batch: dict, log_density: torch.Tensor, num_images: int, height: int) -> np.ndarray:
-    """Side by side, the first `num_images` samples of a batch: predicted density over the image, fixations as
-    cyan squares; each scaled to `height` pixels. Returns (height, W_total, 3) uint8."""
-    images = batch["image"][:num_images].detach().cpu().numpy().transpose(0, 2, 3, 1)
-    log_densities = log_density[:num_images, 0].detach().float().cpu().numpy()
-    fix_batch = batch["fix_batch"].detach().cpu().numpy()
-    fix_x = batch["fix_x"].detach().cpu().numpy()
-    fix_y = batch["fix_y"].detach().cpu().numpy()
-    tiles = []
-    for index, (image, sample_log_density) in enumerate(zip(images, log_densities)):
-        own = fix_batch == index
-        tile = draw_fixations(density_overlay(image, sample_log_density), fix_x[own], fix_y[own])
-        width = max(1, round(tile.shape[1] * height / tile.shape[0]))
-        tiles.append(np.asarray(Image.fromarray(tile).resize((width, height), Image.BILINEAR)))
-        tiles.append(np.full((height, 4, 3), 255, dtype=np.uint8))
-    return np.concatenate(tiles[:-1], axis=1)
 
 
 class ValidationPanel(Callback):
