@@ -1,10 +1,5 @@
-"""Callbacks and checkpoint I/O of a deepgaze-lit experiment.
-
-An experiment keeps everything under one folder `<experiments_root>/<experiment>/`: `checkpoints/` holds `best.ckpt`
-(lowest validation loss), `epochNNN.ckpt` (every 5 epochs, all kept; NNN is the zero-based epoch index) and
-`last.ckpt` (refreshed after every epoch, what `--ckpt_path last` resumes from); `logs/version_N/` holds TensorBoard
-event files and reports.
-"""
+"""Checkpoint I/O and the validation image panel of a deepgaze-lit experiment (the folder's layout and checkpoint
+names: `deepgaze_lit.experiment`)."""
 
 import os
 from pathlib import Path
@@ -12,44 +7,28 @@ from typing import Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from deepgaze_lit.experiment import partial_path
 from deepgaze_lit.rendering import render_panel
-from deepgaze_lit.resilience import PARTIAL_SUFFIX
-
-PERIODIC_CHECKPOINT_EPOCHS = 5
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """The one place where checkpoints are written: to `<file>.tmp` in the target folder, flushed to disk, then
-    renamed over `<file>`, so an interrupted save never leaves a truncated checkpoint behind."""
+    """The one place where checkpoints are written: to `partial_path(<file>)` (`<file>.tmp`) in the target folder,
+    flushed to disk, then renamed over `<file>`, so an interrupted save never leaves a truncated checkpoint behind."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(target.name + PARTIAL_SUFFIX)
+        temporary = partial_path(target)
         with open(temporary, "wb") as stream:
             torch.save(checkpoint, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, target)
-
-
-def experiment_checkpoints(dirpath: Path, monitor: str = "val/loss") -> list[ModelCheckpoint]:
-    """The three checkpoint callbacks of an experiment, all writing to `dirpath`: best by `monitor` (lower is
-    better), every 5 epochs (all kept) and last (every epoch). File names are fixed (no `-v1` versions): a resumed
-    or moved experiment overwrites its own files. `last` comes last so that it stores the other two callbacks'
-    state after their own update of the same epoch."""
-    common = {"dirpath": dirpath, "auto_insert_metric_name": False, "enable_version_counter": False}
-    best = ModelCheckpoint(filename="best", monitor=monitor, mode="min", save_top_k=1, **common)
-    periodic = ModelCheckpoint(
-        filename="epoch{epoch:03d}", every_n_epochs=PERIODIC_CHECKPOINT_EPOCHS, save_top_k=-1, **common
-    )
-    last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
-    return [best, periodic, last]
 
 
 class ValidationPanel(Callback):
