@@ -1,75 +1,34 @@
-"""Callbacks and checkpoint I/O of a deepgaze-lit experiment.
-
-An experiment keeps everything under one folder `<experiments_root>/<experiment>/`: `checkpoints/` holds `best.ckpt`
-(lowest validation loss), `epochNNN.ckpt` (every 5 epochs, all kept; NNN is the zero-based epoch index) and
-`last.ckpt` (refreshed after every epoch, what `--ckpt_path last` resumes from); `logs/version_N/` holds TensorBoard
-event files and reports.
-"""
+"""Checkpoint I/O and the validation image panel of a deepgaze-lit experiment (the folder's layout and checkpoint
+names: `deepgaze_lit.experiment`)."""
 
 import os
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from PIL import Image
 
-from deepgaze_lit.predict import density_overlay, draw_fixations
-from deepgaze_lit.resilience import PARTIAL_SUFFIX
-
-PERIODIC_CHECKPOINT_EPOCHS = 5
+from deepgaze_lit.experiment import partial_path
+from deepgaze_lit.rendering import render_panel
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """The one place where checkpoints are written: to `<file>.tmp` in the target folder, flushed to disk, then
-    renamed over `<file>`, so an interrupted save never leaves a truncated checkpoint behind."""
+    """The one place where checkpoints are written: to `partial_path(<file>)` (`<file>.tmp`) in the target folder,
+    flushed to disk, then renamed over `<file>`, so an interrupted save never leaves a truncated checkpoint behind."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(target.name + PARTIAL_SUFFIX)
+        temporary = partial_path(target)
         with open(temporary, "wb") as stream:
             torch.save(checkpoint, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, target)
-
-
-def experiment_checkpoints(dirpath: Path, monitor: str = "val/loss") -> list[ModelCheckpoint]:
-    """The three checkpoint callbacks of an experiment, all writing to `dirpath`: best by `monitor` (lower is
-    better), every 5 epochs (all kept) and last (every epoch). File names are fixed (no `-v1` versions): a resumed
-    or moved experiment overwrites its own files. `last` comes last so that it stores the other two callbacks'
-    state after their own update of the same epoch."""
-    common = {"dirpath": dirpath, "auto_insert_metric_name": False, "enable_version_counter": False}
-    best = ModelCheckpoint(filename="best", monitor=monitor, mode="min", save_top_k=1, **common)
-    periodic = ModelCheckpoint(
-        filename="epoch{epoch:03d}", every_n_epochs=PERIODIC_CHECKPOINT_EPOCHS, save_top_k=-1, **common
-    )
-    last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
-    return [best, periodic, last]
-
-
-def render_panel(batch: dict, log_density: torch.Tensor, num_images: int, height: int) -> np.ndarray:
-    """Side by side, the first `num_images` samples of a batch: predicted density over the image, fixations as
-    cyan squares; each scaled to `height` pixels. Returns (height, W_total, 3) uint8."""
-    images = batch["image"][:num_images].detach().cpu().numpy().transpose(0, 2, 3, 1)
-    log_densities = log_density[:num_images, 0].detach().float().cpu().numpy()
-    fix_batch = batch["fix_batch"].detach().cpu().numpy()
-    fix_x = batch["fix_x"].detach().cpu().numpy()
-    fix_y = batch["fix_y"].detach().cpu().numpy()
-    tiles = []
-    for index, (image, sample_log_density) in enumerate(zip(images, log_densities)):
-        own = fix_batch == index
-        tile = draw_fixations(density_overlay(image, sample_log_density), fix_x[own], fix_y[own])
-        width = max(1, round(tile.shape[1] * height / tile.shape[0]))
-        tiles.append(np.asarray(Image.fromarray(tile).resize((width, height), Image.BILINEAR)))
-        tiles.append(np.full((height, 4, 3), 255, dtype=np.uint8))
-    return np.concatenate(tiles[:-1], axis=1)
 
 
 class ValidationPanel(Callback):

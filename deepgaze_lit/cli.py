@@ -5,7 +5,7 @@
     deepgaze validate --config configs/baseline.yaml --ckpt_path best     # evaluate best.ckpt, write a report
     deepgaze predict --config configs/baseline.yaml --ckpt_path best --data.predict_dir images/
 
-Every run of an experiment shares one folder `<experiments_root>/<experiment>/` (see `deepgaze_lit.callbacks`);
+Every run of an experiment shares one folder `<experiments_root>/<experiment>/` (see `deepgaze_lit.experiment`);
 the checkpoint callbacks, TensorBoard logger, learning-rate monitor, validation image panel and prediction writer
 are added here, in code, so that configs stay short and checkpoint folders cannot diverge. `fit` also gets the
 preemption and non-finite-loss callbacks of `deepgaze_lit.resilience`; `--ckpt_path last` resumes the experiment's
@@ -21,29 +21,28 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from deepgaze_lit.callbacks import AtomicCheckpointIO, ValidationPanel, experiment_checkpoints
+from deepgaze_lit.callbacks import AtomicCheckpointIO, ValidationPanel
 from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.errors import DataError
-from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
+from deepgaze_lit.experiment import (BEST, NAMED_CHECKPOINTS, ExperimentDir, ExperimentError,
+                                     checkpoint_global_step, require_training_checkpoint)
+from deepgaze_lit.model.checkpoint import CheckpointMismatchError
+from deepgaze_lit.module import DeepGazeModule
 from deepgaze_lit.predict import PredictionWriter
-from deepgaze_lit.resilience import (LAST_NAME, FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint,
-                                     checkpoint_global_step, fit_checkpoint, remove_partial_checkpoints,
-                                     set_aside_checkpoints_after, start_new_run)
+from deepgaze_lit.resilience import FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 HALF_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
-NAMED_CHECKPOINTS = ("best", "last")
 
 
 class UsageError(Exception):
     """A mistake in the command or its configuration; `main` prints it as one line and exits with status 2."""
 
 
-USER_ERRORS = (UsageError, DataError, FileNotFoundError, CheckpointMismatchError)
+USER_ERRORS = (UsageError, ExperimentError, DataError, FileNotFoundError, CheckpointMismatchError)
 """Errors whose message tells the user what to fix: printed as one line, without a traceback."""
 
 
@@ -65,16 +64,6 @@ def gpu_settings_without_gpu(trainer_config: Any) -> list[str]:
     return fixes
 
 
-def require_training_checkpoint(path: Path) -> None:
-    """Raise UsageError unless `path` is a Lightning checkpoint written by `deepgaze fit`."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UsageError(
-            f"{path} is not a deepgaze-lit training checkpoint: for released weights such as deepgaze3.pth "
-            f"use --model.init_from {path} instead of --ckpt_path"
-        )
-
-
 class DeepGazeCLI(LightningCLI):
     """LightningCLI with one folder per experiment and the application's callbacks added in code."""
 
@@ -92,13 +81,9 @@ class DeepGazeCLI(LightningCLI):
         )
 
     @property
-    def experiment_dir(self) -> Path:
+    def experiment(self) -> ExperimentDir:
         config = self.config[self.subcommand]
-        return Path(config.experiments_root) / config.experiment
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.experiment_dir / "checkpoints"
+        return ExperimentDir(config.experiments_root, config.experiment)
 
     def resolve_fit_checkpoint(self) -> None:
         """`--ckpt_path last` -> the experiment's newest checkpoint (None: start); no `--ckpt_path` -> a new run,
@@ -106,14 +91,15 @@ class DeepGazeCLI(LightningCLI):
         start before any file is written)."""
         config = self.config[self.subcommand]
         requested = config.get("ckpt_path")
-        if requested == "best":
+        if requested == BEST:
             self.resolve_fit_from_best()
             return
-        config.ckpt_path = fit_checkpoint(self.checkpoint_dir, requested)
+        checkpoints = self.experiment.checkpoints
+        config.ckpt_path = checkpoints.resume_point(requested)
         if rank_zero_only.rank != 0:
             return
-        remove_partial_checkpoints(self.checkpoint_dir)
-        kept = start_new_run(self.checkpoint_dir) if requested is None else None
+        checkpoints.remove_partial()
+        kept = checkpoints.start_new_run() if requested is None else None
         if kept is not None:
             print(f"deepgaze: experiment '{config.experiment}' already had checkpoints: they are kept in {kept}; "
                   "this is a new run (to continue a run instead, use --ckpt_path last)", file=sys.stderr)
@@ -123,26 +109,19 @@ class DeepGazeCLI(LightningCLI):
         continuation this restart abandons) to `checkpoints.<n>/`, so that a later `--ckpt_path last` resumes this
         run, not that one."""
         config = self.config[self.subcommand]
-        best = self.named_checkpoint("best")
+        experiment = self.experiment
+        best = experiment.existing_checkpoint(BEST)
         step = checkpoint_global_step(best)
         if step is None:
-            raise UsageError(f"{best} is not a readable training checkpoint")
+            raise ExperimentError(f"{best} is not a readable training checkpoint")
         config.ckpt_path = str(best)
         if rank_zero_only.rank != 0:
             return
-        remove_partial_checkpoints(self.checkpoint_dir)
-        kept = set_aside_checkpoints_after(self.checkpoint_dir, step)
+        experiment.checkpoints.remove_partial()
+        kept = experiment.checkpoints.set_aside_after(step)
         if kept is not None:
             print(f"deepgaze: continuing experiment '{config.experiment}' from {best}: the checkpoints written after "
                   f"it are kept in {kept}", file=sys.stderr)
-
-    def named_checkpoint(self, name: str) -> Path:
-        """The experiment's `<name>.ckpt` ("best" or "last"); UsageError when it is missing."""
-        path = self.checkpoint_dir / f"{name}.ckpt"
-        if not path.is_file():
-            raise UsageError(f"no {name} checkpoint of experiment '{self.config[self.subcommand].experiment}': "
-                             f"{path} is missing")
-        return path
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -155,7 +134,7 @@ class DeepGazeCLI(LightningCLI):
         if not ckpt_path:
             return
         if ckpt_path in NAMED_CHECKPOINTS:  # fit has resolved its named checkpoints already
-            config.ckpt_path = ckpt_path = str(self.named_checkpoint(ckpt_path))
+            config.ckpt_path = ckpt_path = str(self.experiment.existing_checkpoint(ckpt_path))
         if not Path(ckpt_path).is_file():
             raise UsageError(f"checkpoint {ckpt_path} does not exist")
         require_training_checkpoint(Path(ckpt_path))
@@ -167,32 +146,32 @@ class DeepGazeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer")
-        experiment_dir = self.experiment_dir
+        experiment = self.experiment
         callbacks = list(trainer_config.get("callbacks") or [])
         logger = trainer_config.get("logger")
         if self.subcommand == "predict" and logger is None:
             logger = False
         elif logger in (None, True):
-            logger = TensorBoardLogger(save_dir=str(experiment_dir), name="logs")
+            logger = experiment.tensorboard_logger()
         if self.subcommand == "fit":
-            last = str(self.checkpoint_dir / LAST_NAME)
+            last = str(experiment.checkpoints.last)
             callbacks += [PreemptionCheckpoint(last), FiniteLossGuard(last)]
             if trainer_config.get("enable_checkpointing") is not False:
-                callbacks += experiment_checkpoints(self.checkpoint_dir)
+                callbacks += experiment.checkpoints.callbacks()
         if logger is not False:
             if self.subcommand == "fit":
                 callbacks.append(LearningRateMonitor(logging_interval="epoch"))
             if self.subcommand in ("fit", "validate"):
                 callbacks.append(ValidationPanel())
         if self.subcommand == "predict":
-            output_dir = self.config[self.subcommand].output_dir or experiment_dir / "predictions"
+            output_dir = self.config[self.subcommand].output_dir or experiment.predictions
             callbacks.append(PredictionWriter(str(output_dir)))
         plugins = list(trainer_config.get("plugins") or [])
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
         kwargs.update(callbacks=callbacks, logger=logger, plugins=plugins)
         if trainer_config.get("default_root_dir") is None:
-            kwargs["default_root_dir"] = str(experiment_dir)
+            kwargs["default_root_dir"] = str(experiment.path)
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:

@@ -32,15 +32,12 @@ from deepgaze_lit.feature_cache import BackboneFingerprint, FeatureCache, comput
 from deepgaze_lit.metrics.accumulator import SaliencyMetrics, information_gain_bits
 from deepgaze_lit.metrics.report import write_report
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
+from deepgaze_lit.model.checkpoint import CheckpointMismatchError, diff_state_dict
 from deepgaze_lit.model.deepgaze3 import BlockLogDensity, DeepGazeIII
 
 LN2 = math.log(2.0)
 PROBE_LEVELS = (0.0, 127.5, 255.0)
 NUM_PROBES = 16
-
-
-class CheckpointMismatchError(ValueError):
-    """Weights that do not fit the model's architecture."""
 
 
 def fixation_log_likelihood_bits(
@@ -160,7 +157,7 @@ class DeepGazeModule(L.LightningModule):
         report = self.model.load_weights(path, component=component, strict=False)
         rank_zero_info(f"init_from {path}: {report}")
         readout_keys = [key for key in self.model.state_dict() if not key.startswith("features.")]
-        unfilled = set(report.missing) | {entry.split(" ")[0] for entry in report.mismatched}
+        unfilled = report.unfilled()
         if all(key in unfilled for key in readout_keys):
             raise CheckpointMismatchError(
                 f"init_from {path} fits no readout parameter of this model (num_components="
@@ -169,18 +166,15 @@ class DeepGazeModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with one sentence, a checkpoint whose parameters do not match this model's."""
-        state = checkpoint["state_dict"]
-        expected = self.state_dict()
-        missing = [key for key in expected if key not in state]
-        unexpected = [key for key in state if key not in expected]
-        mismatched = [key for key in expected if key in state and state[key].shape != expected[key].shape]
-        if missing or unexpected or mismatched:
+        report = diff_state_dict(checkpoint["state_dict"], self.state_dict())
+        if not report.ok:
             saved = checkpoint.get("hyper_parameters", {})
             raise CheckpointMismatchError(
                 f"the checkpoint was saved by a different architecture (num_components={saved.get('num_components')}, "
                 f"scanpath={saved.get('scanpath')}) than this model (num_components={self.hparams.num_components}, "
-                f"scanpath={self.hparams.scanpath}): {len(missing)} missing, {len(unexpected)} unexpected and "
-                f"{len(mismatched)} differently shaped parameters; use the model settings it was trained with"
+                f"scanpath={self.hparams.scanpath}): {len(report.missing)} missing, {len(report.unexpected)} "
+                f"unexpected and {len(report.mismatched)} differently shaped parameters; use the model settings it "
+                "was trained with"
             )
 
     def forward(self, image, centerbias, x_hist=None, y_hist=None) -> torch.Tensor:

@@ -6,36 +6,29 @@
   stops. It replaces Lightning's own SLURM handler, which saves `hpc_ckpt_<n>.ckpt` from inside the signal handler
   (possibly in the middle of an optimizer step or a collective), never deletes it and prefers it on relaunch even
   over a newer checkpoint.
-- `fit_checkpoint`: the checkpoint `fit --ckpt_path last` resumes from is the experiment's checkpoint with the
-  highest global step, so a relaunched job never rolls back past a newer checkpoint; with no checkpoint it starts
-  fresh (one command both starts and resumes a requeued job).
-- `start_new_run`: `fit` without `--ckpt_path` into an experiment that already has checkpoints starts a new run
-  (a new version): the earlier run's `checkpoints/` folder is kept, renamed to `checkpoints.<n>`, never resumed
-  silently nor overwritten.
 - `FiniteLossGuard`: a NaN or infinite loss on any rank stops training before that step's update, naming the step;
   no checkpoint is written after it, so `last.ckpt` keeps the last good weights.
-- `remove_partial_checkpoints`: deletes the temporary files of checkpoint writes that a killed process left behind.
 - `ignore_requeue_signal`: the loaders' `worker_init_fn`. SLURM signals every process of the job, loader workers
   included; a worker started with the default SIGUSR1 action (spawn or forkserver start methods) would die of it
   and take the training down before the checkpoint is written.
+
+Which checkpoint a relaunched job resumes, how an earlier run is set aside and which files are partial writes are
+rules of the experiment folder: `deepgaze_lit.experiment`.
 """
 
 import os
 import signal
 import subprocess
 import threading
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 
-CHECKPOINT_SUFFIX = ".ckpt"
-PARTIAL_SUFFIX = ".tmp"
-LAST_NAME = "last.ckpt"
+from deepgaze_lit.experiment import checkpoint_global_step
+
 REQUEUE_SIGNAL = signal.SIGUSR1
 
 
@@ -45,91 +38,6 @@ class NonFiniteLossError(RuntimeError):
 
 class Preempted(SystemExit):
     """Training stopped after saving its state on a requeue signal (exit status 0)."""
-
-
-def checkpoint_global_step(path: Path) -> Optional[int]:
-    """The global step (optimizer steps done) stored in a Lightning checkpoint; None, with a warning, when the
-    file cannot be read as one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(checkpoint["global_step"])
-    except Exception as error:  # noqa: BLE001 - any unreadable file is skipped, and said so
-        warnings.warn(f"{path} is not a readable training checkpoint ({type(error).__name__}: {error}); ignored",
-                      stacklevel=2)
-        return None
-
-
-def newest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
-    """The readable `*.ckpt` file in `checkpoint_dir` with the highest global step (`last.ckpt` first on ties,
-    then the most recently written); None when there is none."""
-    ranked = []
-    for path in sorted(Path(checkpoint_dir).glob(f"*{CHECKPOINT_SUFFIX}")):
-        step = checkpoint_global_step(path)
-        if step is not None:
-            ranked.append((step, path.name == LAST_NAME, path.stat().st_mtime, path))
-    return max(ranked)[-1] if ranked else None
-
-
-def fit_checkpoint(checkpoint_dir: Path, ckpt_path: Optional[str]) -> Optional[str]:
-    """The checkpoint `deepgaze fit` restores, given its `--ckpt_path` and the experiment's `checkpoint_dir`:
-    for "last" the newest checkpoint of the experiment (`newest_checkpoint`), or None (a fresh start) when there is
-    none yet; any other value unchanged (None: a new run, see `start_new_run`)."""
-    if ckpt_path != "last":
-        return ckpt_path
-    newest = newest_checkpoint(checkpoint_dir)
-    if newest is None:
-        rank_zero_info(f"--ckpt_path last: no checkpoint in {checkpoint_dir} yet, starting a new run")
-        return None
-    rank_zero_info(f"--ckpt_path last: resuming from {newest} (global step {checkpoint_global_step(newest)}, "
-                   "the newest checkpoint of the experiment)")
-    return str(newest)
-
-
-def start_new_run(checkpoint_dir: Path) -> Optional[Path]:
-    """Make way for a new run of an experiment: when `checkpoint_dir` holds checkpoints of an earlier run, rename
-    it to `<checkpoint_dir>.<n>` (n = 1, 2, ...: the first free number, so higher numbers are more recent runs)
-    and return that path; None when there was nothing to keep. Call it on one process only."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not any(checkpoint_dir.glob(f"*{CHECKPOINT_SUFFIX}")):
-        return None
-    archive = _free_archive(checkpoint_dir)
-    checkpoint_dir.rename(archive)
-    return archive
-
-
-def set_aside_checkpoints_after(checkpoint_dir: Path, global_step: int) -> Optional[Path]:
-    """Make way for a run that restarts from an earlier checkpoint (`fit --ckpt_path best`): move the readable
-    checkpoints of `checkpoint_dir` with a global step above `global_step` (the abandoned continuation, which
-    `--ckpt_path last` would otherwise resume) into `<checkpoint_dir>.<n>` and return that folder; None when there
-    are none. Call it on one process only."""
-    checkpoint_dir = Path(checkpoint_dir)
-    later = [path for path in sorted(checkpoint_dir.glob(f"*{CHECKPOINT_SUFFIX}"))
-             if (checkpoint_global_step(path) or 0) > global_step]
-    if not later:
-        return None
-    archive = _free_archive(checkpoint_dir)
-    archive.mkdir()
-    for path in later:
-        path.rename(archive / path.name)
-    return archive
-
-
-def _free_archive(checkpoint_dir: Path) -> Path:
-    """`<checkpoint_dir>.<n>` with the first n = 1, 2, ... that does not exist (higher numbers: more recent)."""
-    number = 1
-    while checkpoint_dir.with_name(f"{checkpoint_dir.name}.{number}").exists():
-        number += 1
-    return checkpoint_dir.with_name(f"{checkpoint_dir.name}.{number}")
-
-
-def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Delete the `*.ckpt.tmp` files (checkpoint writes interrupted by a kill) in `checkpoint_dir`; the removed
-    paths."""
-    removed = []
-    for path in Path(checkpoint_dir).glob(f"*{CHECKPOINT_SUFFIX}{PARTIAL_SUFFIX}"):
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
 
 
 def slurm_job_id() -> Optional[str]:

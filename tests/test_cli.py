@@ -12,8 +12,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import (IG_LINE, REPOSITORY, TINY_BATCH_SIZE, TINY_EPOCHS, TINY_TRAIN_IMAGES, run_cli, tiny_config,
                       write_config)
 from deepgaze_lit.cli import main
-from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
-from deepgaze_lit.resilience import checkpoint_global_step, newest_checkpoint
+from deepgaze_lit.experiment import CheckpointFolder, checkpoint_global_step
+from deepgaze_lit.model.checkpoint import CheckpointMismatchError
+from deepgaze_lit.module import DeepGazeModule
 
 SHIPPED_CONFIGS = sorted((REPOSITORY / "configs").glob("*.yaml"))
 STEPS_PER_EPOCH = TINY_TRAIN_IMAGES // TINY_BATCH_SIZE
@@ -118,7 +119,7 @@ def test_fit_continues_from_best(trained_experiment, tmp_path):
              "--trainer.max_epochs", str(best_epoch + 2)], tmp_path)
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == (best_epoch + 2) * STEPS_PER_EPOCH
-    assert newest_checkpoint(checkpoints) == checkpoints / "last.ckpt"
+    assert CheckpointFolder(checkpoints).newest() == checkpoints / "last.ckpt"
     assert {path.name for path in (tmp_path / "experiments" / "tiny" / "checkpoints.1").iterdir()} == later
 
 

@@ -8,6 +8,7 @@ import torchvision
 
 from deepgaze_lit import DeepGazeIII
 from deepgaze_lit.model import extract_component, load_weights
+from deepgaze_lit.model.checkpoint import ShapeMismatch
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,8 @@ def test_single_model_into_one_component_model_and_report():
     state["unknown.weight"] = torch.zeros(1)
     report = model.load_weights(state, strict=False)
     assert report.unexpected == ["unknown.weight"]
-    assert report.mismatched == ["saliency_networks.0.conv0.weight (checkpoint (4, 2048, 1, 1), model (8, 2048, 1, 1))"]
+    assert report.mismatched == [ShapeMismatch("saliency_networks.0.conv0.weight", (4, 2048, 1, 1), (8, 2048, 1, 1))]
+    assert "saliency_networks.0.conv0.weight (checkpoint (4, 2048, 1, 1), model (8, 2048, 1, 1))" in str(report)
     assert "1 unexpected keys: unknown.weight" in str(report)
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepgaze_lit.model import layers
+from deepgaze_lit.model import fused as fused_module
+from deepgaze_lit.model.fused import conv_softplus_layer_norm_conv
 from deepgaze_lit.model.layers import (
     LayerNorm,
     conv1x1,
-    conv_softplus_layer_norm_conv,
     gaussian_blur,
     softplus,
     softplus_values,
@@ -30,7 +30,7 @@ def random_layer_norm(channels, generator):
 def test_fused_conv_softplus_layer_norm_conv_equals_composition(chunk_positions, monkeypatch):
     """One chunk of positions, and chunks of 4, 4 and 3 positions (statistics merged across chunks)."""
     if chunk_positions is not None:
-        monkeypatch.setattr(layers, "CPU_CHUNK_ELEMENTS", 6 * chunk_positions)
+        monkeypatch.setattr(fused_module, "CPU_CHUNK_ELEMENTS", 6 * chunk_positions)
     generator = torch.Generator().manual_seed(0)
     norm = random_layer_norm(6, generator)
     x = torch.randn(3, 2, 11, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -111,7 +111,7 @@ def test_gaussian_blur_equals_padded_convolution(height, width):
 def test_fused_layer_in_float32_is_as_accurate_as_the_plain_composition_for_a_large_mean(monkeypatch):
     """Hidden map ~30 +- 0.01 (mean 3000x its spread), 6 chunks: folding the normalisation into the output
     convolution must not cancel large terms, so the float32 error stays that of float32 group_norm."""
-    monkeypatch.setattr(layers, "CPU_CHUNK_ELEMENTS", 16 * 500)
+    monkeypatch.setattr(fused_module, "CPU_CHUNK_ELEMENTS", 16 * 500)
     generator = torch.Generator().manual_seed(0)
     x = 0.01 * torch.randn(2, 3, 3000, generator=generator, dtype=torch.float64)
     in_weight = torch.randn(16, 3, generator=generator, dtype=torch.float64)

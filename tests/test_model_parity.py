@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepgaze_lit import DeepGazeIII
-from deepgaze_lit.model import layers
+from deepgaze_lit.model import fused
 from naive_deepgaze import NaiveDeepGazeIII, randomise_readout
 
 FEATURE_GRID = (3, 4)  # what the backbone returns for ~200x260 images; the head accepts any grid
@@ -101,7 +101,7 @@ def test_head_equals_naive_oracle(components, scanpath, height, width, history, 
     history.
     """
     if history == "shared":
-        monkeypatch.setattr(layers, "CPU_CHUNK_ELEMENTS", 128 * 50)
+        monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 128 * 50)
     pair = model_pair(components, scanpath)
     fast32, naive32 = pair[torch.float32]
     fast64, naive64 = pair[torch.float64]

@@ -10,9 +10,9 @@ import torch
 
 from conftest import load_head_case
 from deepgaze_lit.model import DeepGazeIII
+from deepgaze_lit.model.checkpoint import CheckpointMismatchError
 from deepgaze_lit.module import (
     NUM_PROBES,
-    CheckpointMismatchError,
     DeepGazeModule,
     fixation_log_likelihood_bits,
     probe_inputs,

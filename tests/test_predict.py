@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import run_cli, tiny_config, write_config
 from deepgaze_lit.model import DeepGazeIII
-from deepgaze_lit.predict import PredictionWriter, density_overlay, heat_colours
+from deepgaze_lit.predict import PredictionWriter
+from deepgaze_lit.rendering import density_overlay, heat_colours
 
 INPUTS = {  # file name -> (height, width, Pillow mode)
     "street.png": (100, 150, "RGB"),

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from deepgaze_lit.cli import main
+from deepgaze_lit.experiment import CheckpointFolder
 from deepgaze_lit.resilience import (FiniteLossGuard, NonFiniteLossError, Preempted, PreemptionCheckpoint,
-                                     fit_checkpoint, ignore_requeue_signal, newest_checkpoint,
-                                     remove_partial_checkpoints, slurm_job_id, start_new_run)
+                                     ignore_requeue_signal, slurm_job_id)
 from helpers_multiprocess import checkpoint_dir, write_config
 
 
@@ -28,42 +28,42 @@ def test_last_resolves_to_the_checkpoint_with_the_highest_global_step(tmp_path):
     write_checkpoint(tmp_path / "best.ckpt", 50, now - 100)  # written after last.ckpt's kill
     write_checkpoint(tmp_path / "epoch004.ckpt", 30, now + 100)  # recent file, older state
     (tmp_path / "last.ckpt.tmp").write_bytes(b"partial")
-    assert fit_checkpoint(tmp_path, "last") == str(tmp_path / "best.ckpt")
+    assert CheckpointFolder(tmp_path).resume_point("last") == str(tmp_path / "best.ckpt")
     write_checkpoint(tmp_path / "last.ckpt", 50, now - 200)
-    assert newest_checkpoint(tmp_path) == tmp_path / "last.ckpt", "ties go to last.ckpt"
+    assert CheckpointFolder(tmp_path).newest() == tmp_path / "last.ckpt", "ties go to last.ckpt"
 
 
 def test_unreadable_checkpoints_are_skipped_with_a_warning(tmp_path):
     write_checkpoint(tmp_path / "best.ckpt", 7)
     (tmp_path / "last.ckpt").write_bytes(b"truncated")
     with pytest.warns(UserWarning, match="last.ckpt is not a readable training checkpoint"):
-        assert newest_checkpoint(tmp_path) == tmp_path / "best.ckpt"
+        assert CheckpointFolder(tmp_path).newest() == tmp_path / "best.ckpt"
 
 
 def test_last_without_checkpoints_starts_fresh_and_explicit_paths_pass_through(tmp_path):
-    assert fit_checkpoint(tmp_path / "missing", "last") is None
-    assert fit_checkpoint(tmp_path, None) is None
-    assert fit_checkpoint(tmp_path, "some/run.ckpt") == "some/run.ckpt"
+    assert CheckpointFolder(tmp_path / "missing").resume_point("last") is None
+    assert CheckpointFolder(tmp_path).resume_point(None) is None
+    assert CheckpointFolder(tmp_path).resume_point("some/run.ckpt") == "some/run.ckpt"
 
 
 def test_a_new_run_keeps_each_earlier_run_in_a_numbered_folder(tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    assert start_new_run(checkpoints) is None
+    assert CheckpointFolder(checkpoints).start_new_run() is None
     for run in (1, 2):
         checkpoints.mkdir()
         write_checkpoint(checkpoints / "last.ckpt", run)
-        assert start_new_run(checkpoints) == tmp_path / f"checkpoints.{run}"
+        assert CheckpointFolder(checkpoints).start_new_run() == tmp_path / f"checkpoints.{run}"
         assert not checkpoints.exists()
     assert [torch.load(tmp_path / f"checkpoints.{run}" / "last.ckpt")["global_step"] for run in (1, 2)] == [1, 2]
     checkpoints.mkdir()
     (checkpoints / "last.ckpt.tmp").write_bytes(b"partial")
-    assert start_new_run(checkpoints) is None, "partial files are no earlier run"
+    assert CheckpointFolder(checkpoints).start_new_run() is None, "partial files are no earlier run"
 
 
 def test_partial_checkpoint_files_are_removed(tmp_path):
     write_checkpoint(tmp_path / "last.ckpt", 3)
     (tmp_path / "last.ckpt.tmp").write_bytes(b"partial")
-    assert remove_partial_checkpoints(tmp_path) == [tmp_path / "last.ckpt.tmp"]
+    assert CheckpointFolder(tmp_path).remove_partial() == [tmp_path / "last.ckpt.tmp"]
     assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]
 
 

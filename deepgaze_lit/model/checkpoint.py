@@ -8,6 +8,7 @@ is fold k's single model.
 """
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,27 +28,67 @@ _SINGLE_KEY = re.compile(rf"^({'|'.join(COMPONENT_PREFIXES)})\.(.+)$")
 _MIXTURE_KEY = re.compile(rf"^({'|'.join(COMPONENT_PREFIXES.values())})\.(\d+)\.(.+)$")
 
 
+class CheckpointMismatchError(ValueError):
+    """Weights that do not fit the model's architecture."""
+
+
+@dataclass(frozen=True)
+class ShapeMismatch:
+    """A key that the saved state dict and the model both hold, in different shapes."""
+
+    key: str
+    saved: tuple[int, ...]
+    expected: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.key} (checkpoint {self.saved}, model {self.expected})"
+
+
 @dataclass
 class LoadReport:
-    """What a checkpoint did not fill (`missing`), could not place (`unexpected`) or had in another shape."""
+    """How a saved state dict fits a model: the expected model keys it lacks (`missing`), its keys the model does
+    not have (`unexpected`) and its keys whose shape differs from the model's (`mismatched`)."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
+    mismatched: list[ShapeMismatch] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    def unfilled(self) -> set[str]:
+        """Model keys a load leaves as they were: the missing and the mismatched ones."""
+        return set(self.missing) | {mismatch.key for mismatch in self.mismatched}
+
     def __str__(self) -> str:
         if self.ok:
             return "all keys loaded"
         parts = []
-        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("mismatched", self.mismatched)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
-                parts.append(f"{len(keys)} {name} keys: {shown}")
+        for name, entries in (("missing", self.missing), ("unexpected", self.unexpected),
+                              ("mismatched", self.mismatched)):
+            if entries:
+                more = f", ... ({len(entries) - 8} more)" if len(entries) > 8 else ""
+                shown = ", ".join(map(str, entries[:8])) + more
+                parts.append(f"{len(entries)} {name} keys: {shown}")
         return "; ".join(parts)
+
+
+def diff_state_dict(
+    saved: Mapping[str, Tensor], model_state: Mapping[str, Tensor], expected: Iterable[str] | None = None
+) -> LoadReport:
+    """Compare a saved state dict with a model's `state_dict()`; `expected`: the model keys the saved one should
+    fill (default: all of them). Entries keep the order of `expected` (missing) and of `saved` (the others)."""
+    expected = model_state if expected is None else expected
+    return LoadReport(
+        missing=[key for key in expected if key not in saved],
+        unexpected=[key for key in saved if key not in model_state],
+        mismatched=[
+            ShapeMismatch(key, tuple(value.shape), tuple(model_state[key].shape))
+            for key, value in saved.items()
+            if key in model_state and value.shape != model_state[key].shape
+        ],
+    )
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -107,24 +148,16 @@ def load_state(
 ) -> LoadReport:
     """Copy the matching entries of `state` into `model`; report the `expected` model keys it lacks and its extras.
 
-    strict: raise a ValueError naming `source` unless every expected key is filled and nothing is left over.
+    strict: raise a CheckpointMismatchError naming `source` unless every expected key is filled and nothing is left
+    over.
     """
-    model_state = model.state_dict()
-    report = LoadReport(
-        missing=[key for key in expected if key not in state],
-        unexpected=[key for key in state if key not in model_state],
-        mismatched=[
-            f"{key} (checkpoint {tuple(value.shape)}, model {tuple(model_state[key].shape)})"
-            for key, value in state.items()
-            if key in model_state and value.shape != model_state[key].shape
-        ],
-    )
+    report = diff_state_dict(state, model.state_dict(), expected)
     if strict and not report.ok:
-        raise ValueError(f"{source} does not fit this model ({report}); pass strict=False to load what fits")
-    loadable = {
-        key: value for key, value in state.items() if key in model_state and value.shape == model_state[key].shape
-    }
-    model.load_state_dict(loadable, strict=False)
+        raise CheckpointMismatchError(
+            f"{source} does not fit this model ({report}); pass strict=False to load what fits"
+        )
+    unfit = set(report.unexpected) | {mismatch.key for mismatch in report.mismatched}
+    model.load_state_dict({key: value for key, value in state.items() if key not in unfit}, strict=False)
     return report
 
 

@@ -5,7 +5,7 @@ The computation is the reference's, sized to what the output needs: the 1x1-conv
 backbone's native grid (LayerNorm statistics weighted by how often nearest upsampling copies each cell; the
 2048-channel statistics computed once for all components), the scanpath encoding is computed only at the
 readout-grid sample positions and once per distinct history of the batch, components run one after the other on
-the readout grid, their 128-channel hidden maps never held whole (`layers.conv_softplus_layer_norm_conv`: small
+the readout grid, their 128-channel hidden maps never held whole (`fused.conv_softplus_layer_norm_conv`: small
 working set, little kept for the backward pass), and the finalizer and the mixture run on the finalizer grid,
 normalised over the full image with the block sizes as weights.
 """

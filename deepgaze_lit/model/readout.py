@@ -15,6 +15,7 @@ from torch import Tensor
 
 from deepgaze_lit.batch import HISTORY_LENGTH
 from deepgaze_lit.model.backbone import FEATURE_CHANNELS
+from deepgaze_lit.model.fused import conv_softplus_layer_norm_conv
 from deepgaze_lit.model.grids import NearestMap
 from deepgaze_lit.model.layers import (
     Bias,
@@ -24,7 +25,6 @@ from deepgaze_lit.model.layers import (
     MultiInputLayerNorm,
     ScanpathHistoryEncoding,
     conv1x1,
-    conv_softplus_layer_norm_conv,
     gaussian_blur,
     softplus,
 )
