@@ -33,6 +33,7 @@ from deepgaze_lit.metrics.accumulator import SaliencyMetrics, information_gain_b
 from deepgaze_lit.metrics.report import write_report
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
 from deepgaze_lit.model.deepgaze3 import BlockLogDensity, DeepGazeIII
+from deepgaze_lit.model.grids import DOWNSAMPLE
 
 LN2 = math.log(2.0)
 PROBE_LEVELS = (0.0, 127.5, 255.0)
@@ -93,6 +94,8 @@ class DeepGazeModule(L.LightningModule):
             run restores a training checkpoint (`--ckpt_path`).
         component: load only component k of the mixture in `init_from` into a one-component network (to evaluate
             fold k of the release on its own held-out fold); requires num_components 1.
+        downsample: factor by which images are subsampled before the backbone (`DeepGazeIII`): 2 as the release,
+            1.5 in the reference's SALICON pretraining.
         optimizer, lr_scheduler: chosen in YAML (`class_path` + `init_args`); the scheduler steps once per epoch.
         entropy_weight, entropy_mode, entropy_every, entropy_normalise: the entropy regulariser (module docstring).
         feature_cache_mb: memory budget (MiB) of the backbone feature cache (`deepgaze_lit.feature_cache`): the
@@ -115,6 +118,7 @@ class DeepGazeModule(L.LightningModule):
         backbone_weights: str = "imagenet",
         init_from: Optional[str] = None,
         component: Optional[int] = None,
+        downsample: float = DOWNSAMPLE,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         entropy_weight: float = 0.0,
@@ -137,7 +141,9 @@ class DeepGazeModule(L.LightningModule):
             )
         if entropy_every < 1:
             raise ValueError(f"model.entropy_every must be a positive number of steps, got {entropy_every}")
-        self.model = DeepGazeIII(num_components=num_components, scanpath=scanpath, backbone_weights=backbone_weights)
+        self.model = DeepGazeIII(
+            num_components=num_components, scanpath=scanpath, backbone_weights=backbone_weights, downsample=downsample
+        )
         if channels_last:
             self.model.features.to(memory_format=torch.channels_last)
         self._compiled_head = None
@@ -206,7 +212,7 @@ class DeepGazeModule(L.LightningModule):
             return self.model.backbone_features(images)
         if stage not in self._fingerprints:  # the backbone is frozen: its weights change only between runs
             self._fingerprints[stage] = (self.trainer.datamodule.data_fingerprint(stage), self._backbone_fingerprint())
-        namespace = feature_namespace(*self._fingerprints[stage], compute_signature(images))
+        namespace = feature_namespace(*self._fingerprints[stage], compute_signature(images), self.model.downsample)
         return self.feature_cache.get_or_compute(
             stage, namespace, batch["image_index"], images, self.model.backbone_features
         )
