@@ -28,6 +28,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from deepgaze_lit.callbacks import AtomicCheckpointIO, ValidationPanel, experiment_checkpoints
 from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.dataset import DataError
+from deepgaze_lit.model.errors import ModelConfigError
 from deepgaze_lit.module import CheckpointMismatchError, DeepGazeModule
 from deepgaze_lit.predict import PredictionWriter
 from deepgaze_lit.resilience import (LAST_NAME, FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint,
@@ -43,7 +44,7 @@ class UsageError(Exception):
     """A mistake in the command or its configuration; `main` prints it as one line and exits with status 2."""
 
 
-USER_ERRORS = (UsageError, DataError, FileNotFoundError, CheckpointMismatchError)
+USER_ERRORS = (UsageError, DataError, FileNotFoundError, CheckpointMismatchError, ModelConfigError)
 """Errors whose message tells the user what to fix: printed as one line, without a traceback."""
 
 

@@ -33,6 +33,7 @@ from deepgaze_lit.metrics.accumulator import SaliencyMetrics, information_gain_b
 from deepgaze_lit.metrics.report import write_report
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
 from deepgaze_lit.model.deepgaze3 import BlockLogDensity, DeepGazeIII
+from deepgaze_lit.model.freeze import freeze_parameters
 from deepgaze_lit.model.grids import DOWNSAMPLE
 
 LN2 = math.log(2.0)
@@ -96,6 +97,9 @@ class DeepGazeModule(L.LightningModule):
             fold k of the release on its own held-out fold); requires num_components 1.
         downsample: factor by which images are subsampled before the backbone (`DeepGazeIII`): 2 as the release,
             1.5 in the reference's SALICON pretraining.
+        freeze: parameter-name prefixes (`deepgaze_lit.model.freeze`, e.g. `saliency_networks.*.conv0`) whose
+            parameters keep their initial values: not trained and not given to the optimiser (the frozen backbone
+            never is).
         optimizer, lr_scheduler: chosen in YAML (`class_path` + `init_args`); the scheduler steps once per epoch.
         entropy_weight, entropy_mode, entropy_every, entropy_normalise: the entropy regulariser (module docstring).
         feature_cache_mb: memory budget (MiB) of the backbone feature cache (`deepgaze_lit.feature_cache`): the
@@ -119,6 +123,7 @@ class DeepGazeModule(L.LightningModule):
         init_from: Optional[str] = None,
         component: Optional[int] = None,
         downsample: float = DOWNSAMPLE,
+        freeze: Optional[list[str]] = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         entropy_weight: float = 0.0,
@@ -149,6 +154,9 @@ class DeepGazeModule(L.LightningModule):
         self._compiled_head = None
         if init_from is not None:
             self._initialise_from(init_from, component)
+        if freeze:
+            frozen = freeze_parameters(self.model, freeze)
+            rank_zero_info(f"model.freeze: {len(frozen)} parameters frozen ({', '.join(freeze)})")
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.eval_loss = MeanMetric().set_dtype(torch.float64)  # float64 sums: DDP gives the 1-process value
@@ -194,7 +202,7 @@ class DeepGazeModule(L.LightningModule):
         return self.model(image, centerbias, x_hist, y_hist)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.model.parameters())
+        optimizer = self.optimizer([parameter for parameter in self.model.parameters() if parameter.requires_grad])
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
