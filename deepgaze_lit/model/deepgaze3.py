@@ -160,9 +160,9 @@ class DeepGazeIII(nn.Module):
         """Frozen backbone features: image (B, 3 or 1, H, W) RGB 0..255 (float or uint8) -> (B, 2048, h32, w32).
 
         The image is subsampled by `downsample` (nearest) and passed through DenseNet-201 (stride 32) without
-        gradient. On the
-        CPU one image at a time: the same speed, a third less peak memory (smaller temporaries fragment the heap
-        less), and each image's features do not depend on the rest of the batch (exact feature caching).
+        gradient. On the CPU one image at a time: the same speed, a third less peak memory (smaller temporaries
+        fragment the heap less), and each image's features do not depend on the rest of the batch (exact feature
+        caching).
         """
         if image.dim() != 4 or image.shape[1] not in (1, 3):
             raise ValueError(f"image must be (B, 3, H, W) RGB or (B, 1, H, W) greyscale, got {tuple(image.shape)}")
