@@ -30,6 +30,7 @@ from deepgaze_lit.data.errors import DataError
 from deepgaze_lit.experiment import (BEST, NAMED_CHECKPOINTS, ExperimentDir, ExperimentError,
                                      checkpoint_global_step, require_training_checkpoint)
 from deepgaze_lit.model.checkpoint import CheckpointMismatchError
+from deepgaze_lit.model.errors import ModelConfigError
 from deepgaze_lit.module import DeepGazeModule
 from deepgaze_lit.predict import PredictionWriter
 from deepgaze_lit.resilience import FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint
@@ -42,7 +43,8 @@ class UsageError(Exception):
     """A mistake in the command or its configuration; `main` prints it as one line and exits with status 2."""
 
 
-USER_ERRORS = (UsageError, ExperimentError, DataError, FileNotFoundError, CheckpointMismatchError)
+USER_ERRORS = (UsageError, ExperimentError, DataError, FileNotFoundError, CheckpointMismatchError,
+               ModelConfigError)
 """Errors whose message tells the user what to fix: printed as one line, without a traceback."""
 
 

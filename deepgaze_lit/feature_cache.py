@@ -43,7 +43,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-CACHE_FORMAT = 1
+from deepgaze_lit.model.grids import DOWNSAMPLE
+
+CACHE_FORMAT = 2
 """Version of the on-disk layout and of the namespace recipe; part of every namespace."""
 ENTRY_SUFFIX = ".pt"
 KEY_FILE = "key.json"
@@ -92,10 +94,16 @@ def compute_signature(images: Tensor) -> dict[str, str]:
     return signature
 
 
-def feature_namespace(data_fingerprint: str, backbone: str, signature: dict[str, str]) -> str:
+def feature_namespace(
+    data_fingerprint: str, backbone: str, signature: dict[str, str], downsample: float = DOWNSAMPLE
+) -> str:
     """Hex SHA-256 (32 digits) naming one set of cached features: a split's `data_fingerprint` (image contents
-    in index order, sizes, resize policy), the backbone fingerprint and the `compute_signature`."""
-    key = {"format": CACHE_FORMAT, "data": data_fingerprint, "backbone": backbone, "compute": signature}
+    in index order, sizes, resize policy), the backbone fingerprint, the `compute_signature` and the factor by which
+    the images are subsampled before the backbone."""
+    key = {
+        "format": CACHE_FORMAT, "data": data_fingerprint, "backbone": backbone, "compute": signature,
+        "downsample": float(downsample),
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 

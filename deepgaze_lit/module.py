@@ -34,6 +34,8 @@ from deepgaze_lit.metrics.report import write_report
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
 from deepgaze_lit.model.checkpoint import CheckpointMismatchError, diff_state_dict
 from deepgaze_lit.model.deepgaze3 import BlockLogDensity, DeepGazeIII
+from deepgaze_lit.model.freeze import freeze_parameters
+from deepgaze_lit.model.grids import DOWNSAMPLE
 
 LN2 = math.log(2.0)
 PROBE_LEVELS = (0.0, 127.5, 255.0)
@@ -90,6 +92,11 @@ class DeepGazeModule(L.LightningModule):
             run restores a training checkpoint (`--ckpt_path`).
         component: load only component k of the mixture in `init_from` into a one-component network (to evaluate
             fold k of the release on its own held-out fold); requires num_components 1.
+        downsample: factor by which images are subsampled before the backbone (`DeepGazeIII`): 2 as the release,
+            1.5 in the reference's SALICON pretraining.
+        freeze: parameter-name prefixes (`deepgaze_lit.model.freeze`, e.g. `saliency_networks.*.conv0`) whose
+            parameters keep their initial values: not trained and not given to the optimiser (the frozen backbone
+            is given, as before this option existed, and never changes: it has no gradient).
         optimizer, lr_scheduler: chosen in YAML (`class_path` + `init_args`); the scheduler steps once per epoch.
         entropy_weight, entropy_mode, entropy_every, entropy_normalise: the entropy regulariser (module docstring).
         feature_cache_mb: memory budget (MiB) of the backbone feature cache (`deepgaze_lit.feature_cache`): the
@@ -112,6 +119,8 @@ class DeepGazeModule(L.LightningModule):
         backbone_weights: str = "imagenet",
         init_from: Optional[str] = None,
         component: Optional[int] = None,
+        downsample: float = DOWNSAMPLE,
+        freeze: Optional[list[str]] = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         entropy_weight: float = 0.0,
@@ -134,12 +143,18 @@ class DeepGazeModule(L.LightningModule):
             )
         if entropy_every < 1:
             raise ValueError(f"model.entropy_every must be a positive number of steps, got {entropy_every}")
-        self.model = DeepGazeIII(num_components=num_components, scanpath=scanpath, backbone_weights=backbone_weights)
+        self.model = DeepGazeIII(
+            num_components=num_components, scanpath=scanpath, backbone_weights=backbone_weights, downsample=downsample
+        )
         if channels_last:
             self.model.features.to(memory_format=torch.channels_last)
         self._compiled_head = None
         if init_from is not None:
             self._initialise_from(init_from, component)
+        self._frozen: frozenset[str] = frozenset()
+        if freeze:
+            self._frozen = frozenset(freeze_parameters(self.model, freeze))
+            rank_zero_info(f"model.freeze: {len(self._frozen)} parameters frozen ({', '.join(freeze)})")
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.eval_loss = MeanMetric().set_dtype(torch.float64)  # float64 sums: DDP gives the 1-process value
@@ -182,7 +197,10 @@ class DeepGazeModule(L.LightningModule):
         return self.model(image, centerbias, x_hist, y_hist)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.model.parameters())
+        # The frozen backbone stays in the list (it never has a gradient, so the optimiser never changes it): the
+        # parameter groups keep the layout of checkpoints written before `freeze` existed, which then still resume.
+        trainable = [parameter for name, parameter in self.model.named_parameters() if name not in self._frozen]
+        optimizer = self.optimizer(trainable)
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
@@ -200,7 +218,7 @@ class DeepGazeModule(L.LightningModule):
             return self.model.backbone_features(images)
         if stage not in self._fingerprints:  # the backbone is frozen: its weights change only between runs
             self._fingerprints[stage] = (self.trainer.datamodule.data_fingerprint(stage), self._backbone_fingerprint())
-        namespace = feature_namespace(*self._fingerprints[stage], compute_signature(images))
+        namespace = feature_namespace(*self._fingerprints[stage], compute_signature(images), self.model.downsample)
         return self.feature_cache.get_or_compute(
             stage, namespace, batch["image_index"], images, self.model.backbone_features
         )

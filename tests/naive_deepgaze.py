@@ -161,9 +161,10 @@ def encode_scanpath(x_hist, y_hist, height, width):
 
 
 class NaiveDeepGazeIII(nn.Module):
-    def __init__(self, num_components, scanpath):
+    def __init__(self, num_components, scanpath, downsample=2):
         super().__init__()
         self.scanpath = scanpath
+        self.downsample = downsample
         self.features = Backbone()
         self.saliency_networks = nn.ModuleList(saliency_network() for _ in range(num_components))
         if scanpath:
@@ -177,12 +178,12 @@ class NaiveDeepGazeIII(nn.Module):
             image = image.repeat(1, 3, 1, 1)
         self.features.eval()
         with torch.no_grad():
-            return self.features(F.interpolate(image, scale_factor=1 / 2))
+            return self.features(F.interpolate(image, scale_factor=1 / self.downsample, recompute_scale_factor=False))
 
     def head(self, feature_maps, centerbias, x_hist=None, y_hist=None):
         """feature_maps: the three backbone layers; returns (B, 1, H, W) log density."""
         height, width = centerbias.shape[-2:]
-        readout_shape = (math.ceil(height / 8), math.ceil(width / 8))
+        readout_shape = (math.ceil(height / self.downsample / 4), math.ceil(width / self.downsample / 4))
         x = torch.cat([F.interpolate(f, size=readout_shape) for f in feature_maps], dim=1)
         if self.scanpath:
             history = F.interpolate(encode_scanpath(x_hist, y_hist, height, width), size=readout_shape)

@@ -5,6 +5,7 @@ whole torchvision DenseNet-201, norm5 and classifier included so that release ch
 forward pass stops where the last captured layer is computed.
 """
 
+import functools
 import math
 import re
 from collections import OrderedDict
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models import DenseNet201_Weights, densenet201
 
-from deepgaze_lit.batch import MIN_IMAGE_SIDE
-from deepgaze_lit.model.grids import DOWNSAMPLE
+from deepgaze_lit.batch import MIN_IMAGE_SIDE  # noqa: F401 - re-exported: the limit at downsample 2
+from deepgaze_lit.model.errors import ModelConfigError
+from deepgaze_lit.model.grids import DOWNSAMPLE, subsampled_side
 
 IMAGENET_WEIGHTS = DenseNet201_Weights.IMAGENET1K_V1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,6 +47,21 @@ def backbone_output_side(side: int) -> int:
     side = (side + 2 * 1 - 3) // 2 + 1  # pool0: 3x3 max pool, stride 2, padding 1
     for _ in range(3):  # transitions 1-3: 2x2 average pool, stride 2
         side = side // 2 if side >= 2 else 0
+    return side
+
+
+@functools.cache
+def minimum_image_side(downsample: float = DOWNSAMPLE) -> int:
+    """Smallest image side (pixels) DeepGaze III accepts with `downsample`: after subsampling, DenseNet-201 needs an
+    input side that gives >= 1 output (29 px); 58 px at the release's downsample 2."""
+    backbone_side = 1
+    while backbone_output_side(backbone_side) < 1:
+        backbone_side += 1
+    side = max(1, math.floor(backbone_side * downsample) - 1)
+    while subsampled_side(side, downsample) < backbone_side:
+        side += 1
+    while side > 1 and subsampled_side(side - 1, downsample) >= backbone_side:
+        side -= 1
     return side
 
 
@@ -137,11 +154,13 @@ class DenseNetFeatures(nn.Module):
         return torch.cat([before_relu, bottleneck, block_features[-1]], dim=1)
 
 
-def check_image_side(height: int, width: int) -> None:
-    """Raise a ValueError when an image of height x width pixels is too small for the backbone."""
-    if min(height, width) < MIN_IMAGE_SIDE:
-        raise ValueError(
-            f"image of {height}x{width} pixels is too small: DeepGaze III subsamples by {DOWNSAMPLE} and "
-            f"DenseNet-201 then needs both image sides >= {MIN_IMAGE_SIDE} pixels; resize the image "
-            f"(e.g. by a factor {math.ceil(MIN_IMAGE_SIDE / max(min(height, width), 1))})"
+def check_image_side(height: int, width: int, downsample: float = DOWNSAMPLE) -> None:
+    """Raise a ModelConfigError when an image of height x width pixels is too small for the backbone after
+    subsampling by `downsample`."""
+    minimum = minimum_image_side(downsample)
+    if min(height, width) < minimum:
+        raise ModelConfigError(
+            f"image of {height}x{width} pixels is too small: DeepGaze III subsamples by {downsample:g} and "
+            f"DenseNet-201 then needs both image sides >= {minimum} pixels; resize the image "
+            f"(e.g. by a factor {math.ceil(minimum / max(min(height, width), 1))}) or a smaller downsample"
         )

@@ -21,6 +21,7 @@ from torch import Tensor
 from deepgaze_lit.batch import HISTORY_LENGTH, missing_history
 from deepgaze_lit.model.backbone import FEATURE_CHANNELS, DenseNetFeatures, check_image_side
 from deepgaze_lit.model.checkpoint import LoadReport, load_weights
+from deepgaze_lit.model.errors import ModelConfigError
 from deepgaze_lit.model.grids import DOWNSAMPLE, SALIENCY_MAP_FACTOR, NearestMap, readout_shape
 from deepgaze_lit.model.layers import normalise
 from deepgaze_lit.model.readout import (
@@ -103,18 +104,30 @@ class DeepGazeIII(nn.Module):
         scanpath: with scanpath networks (fixation history); False gives the spatial-only model.
         backbone_weights: 'imagenet' (torchvision IMAGENET1K_V1 from the torch hub cache, never downloaded),
             'none' (random) or the path of a torchvision densenet201 state dict (.pth).
+        downsample: factor (> 0) by which the image is subsampled (nearest) before the backbone; the readout grid is
+            ceil(H / downsample / 4) x ceil(W / downsample / 4). 2 in the release, 1.5 in the reference's SALICON
+            pretraining. Not part of the state dict: a model must be evaluated with the factor it was trained with.
 
     State-dict keys are those of the released `deepgaze3.pth` (`features.`, `saliency_networks.N.`,
     `scanpath_networks.N.`, `fixation_selection_networks.N.`, `finalizers.N.`).
     """
 
     def __init__(
-        self, num_components: int = RELEASE_COMPONENTS, scanpath: bool = True, backbone_weights: str | Path = "imagenet"
+        self,
+        num_components: int = RELEASE_COMPONENTS,
+        scanpath: bool = True,
+        backbone_weights: str | Path = "imagenet",
+        downsample: float = DOWNSAMPLE,
     ):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
+        if not (math.isfinite(downsample) and downsample > 0):
+            raise ModelConfigError(
+                f"downsample must be a finite factor > 0 (2 as in the release, 1.5 for SALICON), got {downsample!r}"
+            )
         self.scanpath = scanpath
+        self.downsample = downsample
         self.features = DenseNetFeatures(backbone_weights)
         self.saliency_networks = nn.ModuleList(SaliencyNetwork() for _ in range(num_components))
         if scanpath:
@@ -146,16 +159,17 @@ class DeepGazeIII(nn.Module):
     def backbone_features(self, image: Tensor) -> Tensor:
         """Frozen backbone features: image (B, 3 or 1, H, W) RGB 0..255 (float or uint8) -> (B, 2048, h32, w32).
 
-        The image is subsampled by 2 (nearest) and passed through DenseNet-201 (stride 32) without gradient. On the
-        CPU one image at a time: the same speed, a third less peak memory (smaller temporaries fragment the heap
-        less), and each image's features do not depend on the rest of the batch (exact feature caching).
+        The image is subsampled by `downsample` (nearest) and passed through DenseNet-201 (stride 32) without
+        gradient. On the CPU one image at a time: the same speed, a third less peak memory (smaller temporaries
+        fragment the heap less), and each image's features do not depend on the rest of the batch (exact feature
+        caching).
         """
         if image.dim() != 4 or image.shape[1] not in (1, 3):
             raise ValueError(f"image must be (B, 3, H, W) RGB or (B, 1, H, W) greyscale, got {tuple(image.shape)}")
         height, width = image.shape[-2:]
-        check_image_side(height, width)
+        check_image_side(height, width, self.downsample)
         channels_last = image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
-        subsampled = NearestMap.by_factor((height, width), DOWNSAMPLE, image.device).apply(image)
+        subsampled = NearestMap.by_factor((height, width), self.downsample, image.device).apply(image)
         subsampled = subsampled.expand(-1, 3, -1, -1)
         dtype = self.features.features[0].mean.dtype
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -178,7 +192,7 @@ class DeepGazeIII(nn.Module):
         dtype = self.finalizers[0].center_bias_weight.dtype
         device = features.device
         image_shape = tuple(centerbias.shape[-2:])
-        readout = readout_shape(image_shape)
+        readout = readout_shape(image_shape, self.downsample)
         native_to_readout = NearestMap.to_size(tuple(features.shape[-2:]), readout, device)
         cell_weight = native_to_readout.cell_counts(dtype).flatten()
         normalised_features = normalise(features.to(dtype).flatten(2), cell_weight)

@@ -5,8 +5,10 @@ cell to each output cell, so it is fully described by one source index per outpu
 indices are taken from `F.interpolate` itself (an index ramp is resized once per shape and cached), so they match
 PyTorch exactly at every size, odd ones included.
 
-Grids of an H x W image: backbone input `floor(H/2) x floor(W/2)` (subsampled by 2), readout grid
-`ceil(H/8) x ceil(W/8)`, finalizer grid `floor(H/4) x floor(W/4)` (centre bias subsampled by 4).
+Grids of an H x W image subsampled by `downsample` d before the backbone (d = 2 in the release, 1.5 in the SALICON
+pretraining stage): backbone input `floor(H * (1/d)) x floor(W * (1/d))`, readout grid `ceil(H/d/4) x ceil(W/d/4)`,
+finalizer grid `floor(H/4) x floor(W/4)` (centre bias subsampled by 4). Sizes and indices follow the reference's
+`F.interpolate(x, scale_factor=1/d, recompute_scale_factor=False)` and `math.ceil(H / d / readout_factor)` exactly.
 """
 
 import functools
@@ -18,26 +20,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DOWNSAMPLE = 2
-"""The image is subsampled by this factor before the backbone."""
+"""The release's factor by which the image is subsampled before the backbone (the default `downsample`)."""
 READOUT_FACTOR = 4
 """The readout grid is the backbone input subsampled by this factor (rounded up)."""
 SALIENCY_MAP_FACTOR = 4
 """The finalizer grid is the image subsampled by this factor (rounded down)."""
 
 
-def readout_shape(image_shape: tuple[int, int]) -> tuple[int, int]:
-    """Readout grid (rows, columns) of an image of `image_shape` (H, W) pixels."""
-    return tuple(math.ceil(side / DOWNSAMPLE / READOUT_FACTOR) for side in image_shape)
+def readout_shape(image_shape: tuple[int, int], downsample: float = DOWNSAMPLE) -> tuple[int, int]:
+    """Readout grid (rows, columns) of an image of `image_shape` (H, W) pixels subsampled by `downsample`."""
+    return tuple(math.ceil(side / downsample / READOUT_FACTOR) for side in image_shape)
+
+
+def subsampled_side(side: int, downsample: float) -> int:
+    """Pixels along one side after `F.interpolate(x, scale_factor=1 / downsample)`: floor(side * (1 / downsample))
+    in float64, as PyTorch computes it (not always floor(side / downsample): 33 px by 1.1 give 30, not 29)."""
+    return math.floor(side * (1 / downsample))
 
 
 @functools.lru_cache(maxsize=512)
-def _source_index(in_size: int, out_size: int | None, factor: int | None, device: torch.device) -> Tensor:
-    """(out,) int64 source index of each output cell of a 1-D nearest resize, as `F.interpolate` computes it."""
-    ramp = torch.arange(in_size, dtype=torch.float32).view(1, 1, in_size)
+def _source_index(in_size: int, out_size: int | None, factor: float | None, device: torch.device) -> Tensor:
+    """(out,) int64 source index of each output row of a nearest resize, as `F.interpolate` computes it for 4-D
+    inputs (its 2-D kernel copies rows when the size does not change, where its 1-D kernel may not)."""
+    ramp = torch.arange(in_size, dtype=torch.float32).view(1, 1, in_size, 1)
     if factor is None:
-        resized = F.interpolate(ramp, size=out_size, mode="nearest")
+        resized = F.interpolate(ramp, size=(out_size, 1), mode="nearest")
     else:
-        resized = F.interpolate(ramp, scale_factor=1 / factor, mode="nearest")
+        resized = F.interpolate(ramp, scale_factor=(1 / factor, 1.0), mode="nearest")
     return resized.view(-1).to(dtype=torch.int64, device=device)
 
 
@@ -59,9 +68,9 @@ class NearestMap:
         return _nearest_map(tuple(in_shape), tuple(out_shape), None, torch.device(device))
 
     @staticmethod
-    def by_factor(in_shape: tuple[int, int], factor: int, device: torch.device) -> "NearestMap":
-        """The map of `F.interpolate(x, scale_factor=1 / factor)`: output size floor(in / factor) (one shared
-        instance per shape, factor and device)."""
+    def by_factor(in_shape: tuple[int, int], factor: float, device: torch.device) -> "NearestMap":
+        """The map of `F.interpolate(x, scale_factor=1 / factor)`: output size `subsampled_side(in, factor)` (one
+        shared instance per shape, factor and device)."""
         return _nearest_map(tuple(in_shape), None, factor, torch.device(device))
 
     @property
@@ -99,7 +108,7 @@ class NearestMap:
 
 @functools.lru_cache(maxsize=512)
 def _nearest_map(
-    in_shape: tuple[int, int], out_shape: tuple[int, int] | None, factor: int | None, device: torch.device
+    in_shape: tuple[int, int], out_shape: tuple[int, int] | None, factor: float | None, device: torch.device
 ) -> NearestMap:
     """The shared NearestMap to `out_shape` (or by `factor`), so its flat index and cell counts are computed once."""
     rows = _source_index(in_shape[0], None if out_shape is None else out_shape[0], factor, device)
