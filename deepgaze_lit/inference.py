@@ -88,7 +88,7 @@ class DensityPredictor:
         centerbias: centre-bias model, asked for the log density at each input size (`UniformCenterbias`,
             `TemplateCenterbias`, `BaselineCenterbias`).
         resize, max_side: the input-size policy ("two_sizes": MIT1003's 768x1024 / 1024x768, "max_side": long side
-            at most `max_side` pixels, "native").
+            at most `max_side` pixels, "native"); an invalid policy raises ValueError here.
     """
 
     def __init__(self, network: DeepGazeIII, centerbias: CenterbiasModel, resize: ResizePolicy = "two_sizes",

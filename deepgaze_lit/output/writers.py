@@ -186,8 +186,6 @@ class HDF5Writer:
         partial = image.key + PARTIAL_SUFFIX
         file.create_dataset(partial, data=log_density.astype(np.float32), compression="gzip",
                             compression_opts=self.compression_level)
-        if image.key in file:
-            del file[image.key]
         file.move(partial, image.key)
         file.flush()
 
