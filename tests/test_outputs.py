@@ -1,6 +1,7 @@
 """Prediction outputs: names, streaming writers in every format, resume, refusals (deepgaze_lit.output)."""
 
 import logging
+import tracemalloc
 from pathlib import Path, PurePosixPath
 
 import h5py
@@ -208,3 +209,29 @@ def test_an_unreadable_image_is_skipped_with_one_warning_and_counted(predictor, 
 def test_unknown_formats_are_refused(tmp_path):
     with pytest.raises(DataError, match="expected one or more of npy, hdf5, saliency, overlay"):
         make_writers(tmp_path, ["npy", "jpeg"])
+
+
+class UniformPredictor:
+    """Stand-in predictor: the uniform log density at the image's size."""
+
+    def log_density(self, image, x_hist=None, y_hist=None, source="image"):
+        height, width = image.shape[:2]
+        return np.full((height, width), -np.log(height * width))
+
+
+def test_memory_stays_flat_as_the_folder_grows(tmp_path):
+    def peak_bytes(count):
+        source = tmp_path / f"images{count}"
+        source.mkdir()
+        pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+        for index in range(count):
+            Image.fromarray(pixels).save(source / f"img{index}.png")
+        tracemalloc.start()
+        write_predictions(UniformPredictor(), source, make_writers(tmp_path / f"out{count}", OUTPUT_FORMATS))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    one_image = 200 * 300 * 8
+    small, large = peak_bytes(10), peak_bytes(40)
+    assert small > one_image and large < small + one_image
