@@ -4,7 +4,8 @@ DeepGaze III's backbone is frozen and stays in eval mode, so the features of an 
 native stride-32 resolution depend only on the image pixels, the network input size, the backbone weights and
 how they are computed (device type, autocast dtype, memory format). Those make up the cache's *namespace*
 (`feature_namespace`); an entry is (namespace, image index), where the index is the image's position in the split
-whose `SaliencyDataModule.data_fingerprint(stage)` went into the namespace. A changed image, resize policy or
+whose `SaliencyDataModule.data_fingerprint(stage)` went into the namespace. `CachedBackbone` is how the
+LightningModule uses it. A changed image, resize policy or
 backbone weight gives another namespace, so stale entries are never read.
 
 Two tiers, each with its own byte budget:
@@ -292,6 +293,37 @@ class FeatureCache:
             shutil.rmtree(folder, ignore_errors=True)
             self._scan_disk()
         return self.stats.disk_bytes + needed <= self.disk_budget
+
+
+class CachedBackbone:
+    """A network's backbone features through a `FeatureCache`, one slot per split: a split's namespace is made of
+    its data fingerprint and the backbone fingerprint, taken once (until `forget_fingerprints`), and of every
+    batch's compute signature.
+
+    Args:
+        cache: the feature cache.
+        network: a `DeepGazeIII`: its frozen `features` are fingerprinted, its `backbone_features` (looked up at
+            every call) computes the features of missing images.
+    """
+
+    def __init__(self, cache: FeatureCache, network: nn.Module):
+        self.cache = cache
+        self.network = network
+        self._backbone_fingerprint = BackboneFingerprint(network.features)
+        self._fingerprints: dict[str, tuple[str, str]] = {}  # slot -> (data, backbone)
+
+    def forget_fingerprints(self) -> None:
+        """Fingerprint data and weights again at their next use (a new run may bring other data or weights; the
+        backbone is frozen, so within a run they do not change)."""
+        self._fingerprints.clear()
+
+    def __call__(self, slot: str, data_fingerprint: Callable[[], str], images: Tensor, image_index: Tensor) -> Tensor:
+        """Features (B,2048,h,w) of `images` (B,C,H,W) of the split `slot`, whose indices in that split are
+        `image_index` (B,); `data_fingerprint()` gives the split's fingerprint (called once per slot)."""
+        if slot not in self._fingerprints:
+            self._fingerprints[slot] = (data_fingerprint(), self._backbone_fingerprint())
+        namespace = feature_namespace(*self._fingerprints[slot], compute_signature(images), self.network.downsample)
+        return self.cache.get_or_compute(slot, namespace, image_index, images, self.network.backbone_features)
 
 
 def _last_used(folder: Path) -> float:

@@ -1,11 +1,15 @@
-"""The evaluation report: model beside centre bias (and true density), JSON and table on disk."""
+"""The evaluation report: model beside centre bias (and true density), JSON and table on disk; every catalogue
+metric in it."""
 
 import json
 import math
 
 import pytest
+import torch
 
-from deepgaze_lit.metrics import build_report, information_gain_bits, write_report
+from deepgaze_lit.metrics import (SaliencyMetrics, ShufflePool, build_report, evaluation_scalars, information_gain_bits,
+                                  write_report)
+from deepgaze_lit.metrics.catalogue import AVERAGES, CATALOGUE, OVER_CENTERBIAS
 
 LN2 = math.log(2.0)
 
@@ -65,3 +69,38 @@ def test_report_without_gold_and_with_nan():
 def test_information_gain_needs_the_same_fixations():
     with pytest.raises(ValueError, match="different fixations"):
         information_gain_bits(result(-6.0, -6.0, 0.8), {**result(-6.0, -6.0, 0.8), "n_fixations": 29.0})
+
+
+def test_every_catalogue_metric_reaches_the_json_and_the_table():
+    """Accumulated with a shuffle pool and a gold kernel, every catalogue metric has finite values for every density
+    in the JSON, its row in the table (showing the JSON's numbers) and its logged scalars; the accumulator computes no
+    metric the catalogue does not list."""
+    generator = torch.Generator().manual_seed(0)
+    height, width = 8, 10
+    fix_batch = torch.tensor([0, 0, 1, 2, 2, 2])
+    fix_x = torch.rand(6, generator=generator, dtype=torch.float64) * width
+    fix_y = torch.rand(6, generator=generator, dtype=torch.float64) * height
+    pool = ShufflePool(fix_x, fix_y, fix_batch, torch.tensor([[height, width]] * 3))
+    results = {}
+    for source in ("model", "centerbias", "gold"):
+        log_density = torch.log_softmax(torch.randn(3, height * width, generator=generator), dim=1)
+        accumulator = SaliencyMetrics(pool, gold_kernel_size=1.5, num_images=3)
+        accumulator.update(log_density.reshape(3, height, width), fix_batch, fix_x, fix_y, torch.arange(3))
+        results[source] = accumulator.compute()
+    report, table = build_report(results["model"], results["centerbias"], results["gold"])
+    for entry in CATALOGUE:
+        row = next(line for line in table.splitlines() if line.startswith(entry.label + "  "))
+        cells = row[len(entry.label):].split()
+        averages = ("image",) if entry.needs_gold_map else ("fixation", "image")
+        for column, density in enumerate(("model", "centerbias", "gold")):
+            for average in averages:
+                value = report[density][f"{entry.name}_{average}"]
+                assert math.isfinite(value), (entry.name, density, average)
+                assert cells[2 * column + AVERAGES.index(average)] == f"{value:.4f}", (entry.name, density, average)
+    computed = {key.rsplit("_", 1)[0] for key in results["model"] if key.endswith(("_fixation", "_image"))}
+    assert computed == {entry.name for entry in CATALOGUE if entry.kind != OVER_CENTERBIAS}
+    scalars = evaluation_scalars(results, loss=1.5)
+    for entry in (entry for entry in CATALOGUE if entry.tag is not None):
+        assert scalars[entry.tag] == report["model"][f"{entry.name}_image"]
+        for density in entry.also_logged_for:
+            assert scalars[f"{density}_{entry.tag}"] == report[density][f"{entry.name}_image"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -23,6 +24,7 @@ from .images import image_files
 from .readers import SourceSettings, read_source, reader_for
 from .resize import target_shapes
 from .sampler import ResumableDataLoader, ShapeBucketBatchSampler
+from .split_info import SplitInfo
 from .splits import crossval_split, holdout_split
 from .torch_dataset import (CenterbiasTensors, FixationSamples, ImageSamples, PredictImages, collate_predict,
                             collate_samples)
@@ -220,6 +222,12 @@ class SaliencyDataModule(pl.LightningDataModule):
             raise ValueError(f"stage must be one of {', '.join(STAGE_SPLITS)}, got {stage!r}")
         self._setup_splits()
         return self._splits[STAGE_SPLITS[stage]]
+
+    def split_info(self, stage: str) -> SplitInfo:
+        """What the model needs to know about the split of `stage` (see `split_dataset`): sizes, target fixations,
+        true densities where known and its data fingerprint (computed when first asked for)."""
+        dataset = self.split_dataset(stage)
+        return SplitInfo.of(STAGE_SPLITS[stage], dataset, functools.partial(self.data_fingerprint, stage))
 
     def data_fingerprint(self, stage: str = "fit") -> str:
         """Hex digest of the stage's images (content hashes, in order) and their network input sizes.

@@ -1,7 +1,8 @@
 """SaliencyMetrics: dataset metrics of one log density source (model, centre bias or true density), DDP-exact.
 
 Use one instance per density, updated with the same batches: the model's, the centre bias's and, on synthetic
-data, the true density's (the gold standard). `information_gain_bits` and `metrics.report` combine their results.
+data, the true density's (the gold standard). `catalogue.with_centerbias_metrics` and `metrics.report` combine
+their results. Which metrics it keeps is read from `catalogue.CATALOGUE`.
 
 Every state is a float64 vector over the split's images holding SUMS of per-fixation values (or of per-image
 map metrics) and counts, reduced across ranks by summation. Per-fixation means are totals / total counts and
@@ -14,33 +15,17 @@ that is every per-image sample, and a per-fixation sample only when its image ha
 per-fixation evaluation therefore reports them only over such images (`n_map_images` says how many).
 """
 
-import math
-
 import torch
 from torchmetrics import Metric
 
-from deepgaze_lit.metrics.functional import (
-    LN2,
-    batch_auc,
-    batch_log_likelihoods,
-    batch_nss,
-    batch_sauc,
-    blurred_fixation_map,
-    cc,
-    fixation_flat_indices,
-    gaussian_blur_operator,
-    kldiv,
-    mit_kldiv,
-    sim,
-)
+from deepgaze_lit.metrics.catalogue import CATALOGUE, FIXATION, FixationBatch
+from deepgaze_lit.metrics.functional import blurred_fixation_map, fixation_flat_indices, gaussian_blur_operator
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
-
-FIXATION_METRICS = ("ll_nats", "ig_uniform_bits", "nss", "auc")
-MAP_METRICS = {"cc": cc, "kldiv": kldiv, "mit_kldiv": mit_kldiv, "sim": sim}
 
 
 class SaliencyMetrics(Metric):
-    """Accumulates LL, IG vs uniform, NSS, AUC, sAUC (with a pool) and CC/KLDiv/SIM (with a gold kernel).
+    """Accumulates the catalogue's per-fixation metrics (sAUC only with a pool) and its map metrics (only with a
+    gold kernel).
 
     Args:
         shuffle_pool: all fixations of the split for sAUC negatives: a `ShufflePool`, or the tuple
@@ -65,15 +50,24 @@ class SaliencyMetrics(Metric):
         self.shuffle_pool = None if shuffle_pool is None else ShufflePool.coerce(shuffle_pool)
         self.gold_kernel_size = gold_kernel_size
         self._blur_operators: dict[tuple[int, str], torch.Tensor] = {}
+        self.fixation_metrics = tuple(
+            entry for entry in CATALOGUE
+            if entry.kind == FIXATION and (self.shuffle_pool is not None or not entry.needs_shuffle_pool)
+        )
+        self.map_metrics = tuple(
+            entry for entry in CATALOGUE if entry.needs_gold_map and self.gold_kernel_size is not None
+        )
         for name in self._state_names():
             self.add_state(name, torch.zeros(self.num_images, dtype=torch.float64), dist_reduce_fx="sum")
 
     def _state_names(self) -> list[str]:
-        names = ["fixation_count"] + [f"{metric}_sum" for metric in FIXATION_METRICS]
-        if self.shuffle_pool is not None:
-            names += ["sauc_count", "sauc_sum"]
-        if self.gold_kernel_size is not None:
-            names += ["map_count"] + [f"{metric}_sum" for metric in MAP_METRICS]
+        """`fixation_count`, `<name>_sum` per metric, `<name>_count` per metric that may be undefined and
+        `map_count` with map metrics."""
+        names = ["fixation_count"]
+        for entry in self.fixation_metrics:
+            names += [f"{entry.name}_count", f"{entry.name}_sum"] if entry.may_be_undefined else [f"{entry.name}_sum"]
+        if self.map_metrics:
+            names += ["map_count"] + [f"{entry.name}_sum" for entry in self.map_metrics]
         return names
 
     def _add(self, name: str, image: torch.Tensor, values: torch.Tensor) -> None:
@@ -114,32 +108,21 @@ class SaliencyMetrics(Metric):
             return
         flat = fixation_flat_indices(fix_x, fix_y, (height, width)).to(device)
         fix_image = image_index[fix_batch]
-        density = log_density.exp()
-
-        log_likelihoods = batch_log_likelihoods(log_density, fix_batch, flat)
-        per_fixation = {
-            "ll_nats": log_likelihoods,
-            "ig_uniform_bits": (log_likelihoods + math.log(height * width)) / LN2,
-            "nss": batch_nss(density, fix_batch, flat),
-            "auc": batch_auc(density, fix_batch, flat),
-        }
-        self._add("fixation_count", fix_image, torch.ones_like(log_likelihoods))
-        for metric, values in per_fixation.items():
-            self._add(f"{metric}_sum", fix_image, values)
-
-        if self.shuffle_pool is not None:
-            excluded = self.shuffle_pool.image_indices(device)[None, :] == image_index[:, None]
-            negatives = self.shuffle_pool.flat_indices((height, width), device)
-            shuffled = batch_sauc(density, fix_batch, flat, negatives, excluded)
-            defined = ~torch.isnan(shuffled)
-            self._add("sauc_count", fix_image[defined], defined[defined])
-            self._add("sauc_sum", fix_image[defined], shuffled[defined])
-
-        if self.gold_kernel_size is not None:
-            self._update_map_metrics(density, fix_batch, flat, image_index, weight)
+        batch = FixationBatch(log_density, log_density.exp(), fix_batch, flat, image_index, self.shuffle_pool)
+        self._add("fixation_count", fix_image, torch.ones(flat.shape, dtype=torch.float64, device=device))
+        for entry in self.fixation_metrics:
+            values = entry.function(batch)
+            if entry.may_be_undefined:
+                defined = ~torch.isnan(values)
+                self._add(f"{entry.name}_count", fix_image[defined], defined[defined])
+                self._add(f"{entry.name}_sum", fix_image[defined], values[defined])
+            else:
+                self._add(f"{entry.name}_sum", fix_image, values)
+        if self.map_metrics:
+            self._update_map_metrics(batch.density, fix_batch, flat, image_index, weight)
 
     def _update_map_metrics(self, density, fix_batch, flat, image_index, weight) -> None:
-        """CC/KLDiv/MIT KLDiv/SIM against the gold map of every sample carrying all its image's fixations."""
+        """The map metrics against the gold map of every sample carrying all its image's fixations."""
         batch_size, height, width = density.shape
         complete = torch.ones(batch_size, dtype=torch.bool, device=density.device)
         if weight is not None:
@@ -151,24 +134,23 @@ class SaliencyMetrics(Metric):
             gold_map = blurred_fixation_map(flat[fix_batch == sample], (height, width), row_operator, column_operator)
             image = image_index[sample : sample + 1]
             self._add("map_count", image, torch.ones(1, device=density.device))
-            for metric, function in MAP_METRICS.items():
-                self._add(f"{metric}_sum", image, function(density[sample], gold_map).reshape(1))
+            for entry in self.map_metrics:
+                self._add(f"{entry.name}_sum", image, entry.function(density[sample], gold_map).reshape(1))
 
     def compute(self) -> dict[str, float]:
         """Means per fixation (`*_fixation`) and per image (`*_image`, images with fixations count once), plus
         `n_fixations`, `n_images` (and `n_map_images` with a gold kernel). LL in nats, IG vs uniform in bit/fix."""
         counts = self.fixation_count
         result = {"n_fixations": float(counts.sum()), "n_images": float((counts > 0).sum())}
-        for metric in FIXATION_METRICS:
-            result.update(_fixation_and_image_means(metric, getattr(self, f"{metric}_sum"), counts))
-        if self.shuffle_pool is not None:
-            result.update(_fixation_and_image_means("sauc", self.sauc_sum, self.sauc_count))
-        if self.gold_kernel_size is not None:
+        for entry in self.fixation_metrics:
+            own_counts = getattr(self, f"{entry.name}_count") if entry.may_be_undefined else counts
+            result.update(_fixation_and_image_means(entry.name, getattr(self, f"{entry.name}_sum"), own_counts))
+        if self.map_metrics:
             evaluated = self.map_count > 0
             result["n_map_images"] = float(evaluated.sum())
-            for metric in MAP_METRICS:
-                per_image = getattr(self, f"{metric}_sum")[evaluated] / self.map_count[evaluated]
-                result[f"{metric}_image"] = float(per_image.mean())
+            for entry in self.map_metrics:
+                per_image = getattr(self, f"{entry.name}_sum")[evaluated] / self.map_count[evaluated]
+                result[f"{entry.name}_image"] = float(per_image.mean())
         return result
 
 
@@ -192,18 +174,3 @@ def _as_batch_log_density(log_density: torch.Tensor) -> torch.Tensor:
         )
     return log_density.detach().to(torch.float64)
 
-
-def information_gain_bits(model_result: dict[str, float], baseline_result: dict[str, float]) -> dict[str, float]:
-    """Information gain of a model over a baseline (e.g. the centre bias) in bit/fix, as pysaliency:
-    `ig_bits_fixation` = mean over fixations of the LL difference, `ig_bits_image` = mean over images of each
-    image's mean difference. Both results must come from the same fixations."""
-    for count in ("n_fixations", "n_images"):
-        if model_result[count] != baseline_result[count]:
-            raise ValueError(
-                f"model and baseline were evaluated on different fixations ({count}: {model_result[count]} vs "
-                f"{baseline_result[count]}); update both accumulators with the same batches"
-            )
-    return {
-        "ig_bits_fixation": (model_result["ll_nats_fixation"] - baseline_result["ll_nats_fixation"]) / LN2,
-        "ig_bits_image": (model_result["ll_nats_image"] - baseline_result["ll_nats_image"]) / LN2,
-    }

@@ -16,6 +16,7 @@ import math
 import torch
 
 LN2 = math.log(2.0)
+"""ln 2: nats per bit, the package's one conversion constant (bit = nat / LN2)."""
 MIT_EPS = 2.2204e-16  # the benchmark's regulariser in MIT_KLDiv
 KLDIV_MINIMUM = 1e-20  # pysaliency's minimum value added before normalising maps for KLDiv
 GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default truncation, in standard deviations
@@ -34,6 +35,12 @@ def fixation_flat_indices(xs: torch.Tensor, ys: torch.Tensor, shape: tuple[int, 
             "fixation coordinates must be pixels of the image the log density is given for"
         )
     return y_int * width + x_int
+
+
+def ig_uniform_bits(log_likelihood: torch.Tensor, num_pixels: int) -> torch.Tensor:
+    """Information gain over the uniform density in bit/fix, `(log p + log(H*W)) / ln 2`, of log likelihoods (any
+    shape) in nats on an image of `num_pixels` = H*W pixels."""
+    return (log_likelihood + math.log(num_pixels)) / LN2
 
 
 def _as_batch(log_density: torch.Tensor) -> torch.Tensor:
@@ -131,8 +138,7 @@ def information_gain(
     """Information gain per fixation (K,) in bit/fix over `baseline_log_density` (H,W), uniform when None."""
     model = log_likelihood(log_density, xs, ys)
     if baseline_log_density is None:
-        height, width = log_density.shape
-        return (model + math.log(height * width)) / LN2
+        return ig_uniform_bits(model, log_density.numel())
     if baseline_log_density.shape != log_density.shape:
         raise ValueError(
             f"baseline log density {tuple(baseline_log_density.shape)} and log density "

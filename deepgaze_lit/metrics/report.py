@@ -2,39 +2,15 @@
 
 Inputs are `SaliencyMetrics.compute()` dicts of accumulators updated with the same batches: the model's, the
 centre bias's and optionally the gold standard's (the true log density of synthetic data), from which the
-gold-standard information gain over the centre bias and the fraction of it the model explains follow.
+gold-standard information gain over the centre bias and the fraction of it the model explains follow. One row per
+entry of `catalogue.CATALOGUE`, in its order.
 """
 
 import json
 import math
 from pathlib import Path
 
-from deepgaze_lit.metrics.accumulator import information_gain_bits
-
-IG_CENTERBIAS = "ig_centerbias_bits"
-ROWS = (
-    ("log-likelihood (nats/fix)", "ll_nats"),
-    ("IG vs uniform (bit/fix)", "ig_uniform_bits"),
-    ("IG vs centre bias (bit/fix)", IG_CENTERBIAS),
-    ("NSS", "nss"),
-    ("AUC", "auc"),
-    ("sAUC", "sauc"),
-    ("CC", "cc"),
-    ("KLDiv", "kldiv"),
-    ("MIT KLDiv", "mit_kldiv"),
-    ("SIM", "sim"),
-)
-AVERAGES = ("fixation", "image")
-
-
-def _with_centerbias_ig(result: dict[str, float], centerbias: dict[str, float]) -> dict[str, float]:
-    """`result` plus its information gain over the centre bias per fixation and per image (bit/fix)."""
-    gain = information_gain_bits(result, centerbias)
-    return {
-        **result,
-        f"{IG_CENTERBIAS}_fixation": gain["ig_bits_fixation"],
-        f"{IG_CENTERBIAS}_image": gain["ig_bits_image"],
-    }
+from deepgaze_lit.metrics.catalogue import AVERAGES, CATALOGUE, IG_CENTERBIAS, with_centerbias_metrics
 
 
 def _json_safe(value):
@@ -66,10 +42,10 @@ def _align(lines: list[list[str]]) -> str:
 def _table(columns: dict[str, dict[str, float]], explained: dict[str, float] | None) -> str:
     header = ["metric"] + [f"{name} {average}" for name in columns for average in AVERAGES]
     lines = [header]
-    for label, key in ROWS:
-        values = [result.get(f"{key}_{average}") for result in columns.values() for average in AVERAGES]
+    for entry in CATALOGUE:
+        values = [result.get(f"{entry.name}_{average}") for result in columns.values() for average in AVERAGES]
         if any(value is not None for value in values):
-            lines.append([label] + [_format(value) for value in values])
+            lines.append([entry.label] + [_format(value) for value in values])
     for count in ("n_fixations", "n_images"):
         lines.append([count] + [f"{result[count]:.0f}" for result in columns.values() for _ in AVERAGES])
     text = _align(lines)
@@ -90,13 +66,13 @@ def build_report(
     explained fraction IG_model / IG_gold (both over the centre bias, bit/fix), per fixation and per image.
     """
     columns = {
-        "model": _with_centerbias_ig(model, centerbias),
-        "centre bias": _with_centerbias_ig(centerbias, centerbias),
+        "model": with_centerbias_metrics(model, centerbias),
+        "centre bias": with_centerbias_metrics(centerbias, centerbias),
     }
     report = {"model": columns["model"], "centerbias": columns["centre bias"]}
     explained = None
     if gold is not None:
-        columns["gold"] = _with_centerbias_ig(gold, centerbias)
+        columns["gold"] = with_centerbias_metrics(gold, centerbias)
         report["gold"] = columns["gold"]
         explained = {
             average: _ratio(
