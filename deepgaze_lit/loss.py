@@ -20,6 +20,7 @@ from typing import Literal, Optional
 
 import torch
 
+from deepgaze_lit.batch import central_history
 from deepgaze_lit.metrics.functional import ig_uniform_bits
 from deepgaze_lit.model.deepgaze3 import BlockLogDensity, DeepGazeIII
 
@@ -56,10 +57,7 @@ def probe_inputs(height: int, width: int, device: torch.device) -> dict[str, tor
     chosen = torch.linspace(0, len(colours) - 1, NUM_PROBES).round().long()
     image = colours[chosen].round().to(torch.uint8)[:, :, None, None].expand(NUM_PROBES, 3, height, width)
     centerbias = torch.full((NUM_PROBES, height, width), -math.log(height * width))
-    x_hist = torch.full((NUM_PROBES, 4), math.nan)
-    y_hist = torch.full((NUM_PROBES, 4), math.nan)
-    x_hist[:, 0] = width / 2
-    y_hist[:, 0] = height / 2
+    x_hist, y_hist = central_history(NUM_PROBES, height, width)
     inputs = {"image": image.contiguous(), "centerbias": centerbias, "x_hist": x_hist, "y_hist": y_hist}
     return {name: value.to(device) for name, value in inputs.items()}
 
