@@ -246,3 +246,15 @@ def test_input_errors_name_the_fix(model, monkeypatch, tmp_path):
         model.head(features, torch.zeros(2, 64, 64), torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="features must be"):
         model.head(torch.zeros(2, 1024, 2, 3), torch.zeros(2, 64, 64))
+
+
+def test_grid_maps_made_under_inference_mode_serve_training():
+    """The nearest maps are cached per shape: one first made under inference mode (validation, predict) must still
+    work in a training step that needs its gradient."""
+    model = DeepGazeIII(num_components=1, scanpath=False, backbone_weights="none")
+    image = torch.randint(0, 256, (1, 3, 61, 83), dtype=torch.uint8)
+    centerbias = torch.full((1, 61, 83), -math.log(61 * 83))
+    with torch.inference_mode():
+        model(image, centerbias)
+    model(image, centerbias).sum().backward()
+    assert model.finalizers[0].center_bias_weight.grad is not None

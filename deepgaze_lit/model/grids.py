@@ -38,16 +38,23 @@ def subsampled_side(side: int, downsample: float) -> int:
     return math.floor(side * (1 / downsample))
 
 
+def shared_tensors() -> torch.inference_mode:
+    """Context for tensors cached across calls: made outside inference mode even when the first call is under it
+    (Lightning's validation and prediction), since an inference tensor cannot be saved for a later backward pass."""
+    return torch.inference_mode(False)
+
+
 @functools.lru_cache(maxsize=512)
 def _source_index(in_size: int, out_size: int | None, factor: float | None, device: torch.device) -> Tensor:
     """(out,) int64 source index of each output row of a nearest resize, as `F.interpolate` computes it for 4-D
     inputs (its 2-D kernel copies rows when the size does not change, where its 1-D kernel may not)."""
-    ramp = torch.arange(in_size, dtype=torch.float32).view(1, 1, in_size, 1)
-    if factor is None:
-        resized = F.interpolate(ramp, size=(out_size, 1), mode="nearest")
-    else:
-        resized = F.interpolate(ramp, scale_factor=(1 / factor, 1.0), mode="nearest")
-    return resized.view(-1).to(dtype=torch.int64, device=device)
+    with shared_tensors():
+        ramp = torch.arange(in_size, dtype=torch.float32).view(1, 1, in_size, 1)
+        if factor is None:
+            resized = F.interpolate(ramp, size=(out_size, 1), mode="nearest")
+        else:
+            resized = F.interpolate(ramp, scale_factor=(1 / factor, 1.0), mode="nearest")
+        return resized.view(-1).to(dtype=torch.int64, device=device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,7 +95,8 @@ class NearestMap:
     @functools.cached_property
     def flat_index(self) -> Tensor:
         """(out_h * out_w,) index into the flattened input grid, row-major (computed once per map)."""
-        return (self.rows[:, None] * self.in_shape[1] + self.cols[None, :]).reshape(-1)
+        with shared_tensors():
+            return (self.rows[:, None] * self.in_shape[1] + self.cols[None, :]).reshape(-1)
 
     def apply_flat(self, x: Tensor) -> Tensor:
         """Resize a flattened grid: (..., in_h * in_w) -> (..., out_h * out_w)."""
@@ -101,9 +109,10 @@ class NearestMap:
     @functools.cached_property
     def _cell_counts(self) -> Tensor:
         """int64 cell counts, computed once per map (bincount reads its size back from a GPU)."""
-        row_counts = torch.bincount(self.rows, minlength=self.in_shape[0])
-        col_counts = torch.bincount(self.cols, minlength=self.in_shape[1])
-        return row_counts[:, None] * col_counts[None, :]
+        with shared_tensors():
+            row_counts = torch.bincount(self.rows, minlength=self.in_shape[0])
+            col_counts = torch.bincount(self.cols, minlength=self.in_shape[1])
+            return row_counts[:, None] * col_counts[None, :]
 
 
 @functools.lru_cache(maxsize=512)
