@@ -12,7 +12,7 @@ import torch
 from deepgaze_lit.cli import main
 from deepgaze_lit.experiment import CheckpointFolder
 from deepgaze_lit.resilience import (FiniteLossGuard, NonFiniteLossError, Preempted, PreemptionCheckpoint,
-                                     ignore_requeue_signal, slurm_job_id)
+                                     ignore_stop_signals, slurm_job_id)
 from helpers_multiprocess import checkpoint_dir, write_config
 
 
@@ -70,7 +70,7 @@ def test_partial_checkpoint_files_are_removed(tmp_path):
 def test_loader_workers_ignore_the_requeue_signal():
     previous = signal.getsignal(signal.SIGUSR1)
     try:
-        ignore_requeue_signal(worker_id=0)
+        ignore_stop_signals(worker_id=0)
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGUSR1, previous)
