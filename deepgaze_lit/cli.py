@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
@@ -36,7 +37,7 @@ from deepgaze_lit.data.errors import DataError
 from deepgaze_lit.experiment import (BEST, NAMED_CHECKPOINTS, ExperimentDir, ExperimentError,
                                      read_training_checkpoint, require_training_checkpoint)
 from deepgaze_lit.failures import (DEBUG_ENVIRONMENT, DEBUG_FLAG, EXIT_FAILED, EXIT_USAGE, UsageError,
-                                   describe_os_error, one_line, require_writable_folder)
+                                   describe_os_error, error_message, require_writable_folder)
 from deepgaze_lit.model.backbone import minimum_image_side
 from deepgaze_lit.model.checkpoint import CheckpointMismatchError
 from deepgaze_lit.model.errors import ModelConfigError, WeightsFileError
@@ -51,7 +52,7 @@ HALF_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed", "16-true", "bf16-true
 
 
 USER_ERRORS = (UsageError, ExperimentError, DataError, FileNotFoundError, CheckpointMismatchError,
-               ModelConfigError, WeightsFileError)
+               ModelConfigError, WeightsFileError, MisconfigurationException)
 """Errors whose message tells the user what to fix: printed as one line, without a traceback, exit status 2."""
 RUN_ERRORS = (NonFiniteLossError,)
 """Failures while running whose message says what happened and what to do: one line, exit status 1."""
@@ -87,11 +88,19 @@ class OutputFolder:
 
 
 def check_prediction_folders(predict_dir: Optional[str], output_dir: Path) -> None:
-    """Before predicting: the inputs are listable without name clashes, the outputs cannot land on them (an output
-    folder equal to or inside the input folder is refused) and the output folder can be written."""
-    if predict_dir is not None and Path(predict_dir).exists():
-        check_output_location(predict_dir, list_input_images(predict_dir), [OutputFolder(output_dir)])
+    """Before predicting: the inputs exist and are listable without name clashes, the outputs cannot land on them
+    (an output folder equal to or inside the input folder is refused) and the output folder can be written."""
+    if predict_dir is None:
+        raise DataError("no data.predict_dir given; expected a folder of images to predict")
+    check_output_location(predict_dir, list_input_images(predict_dir), [OutputFolder(output_dir)])
     require_writable_folder(output_dir, "--output_dir")
+
+
+def minimum_side_for_downsample(downsample: float) -> int:
+    """The smallest image side (pixels) the network takes at `model.downsample` (the data checks every image)."""
+    if not downsample > 0:
+        raise ValueError(f"model.downsample must be a positive factor, got {downsample}")
+    return minimum_image_side(downsample)
 
 
 class DeepGazeCLI(LightningCLI):
@@ -118,7 +127,7 @@ class DeepGazeCLI(LightningCLI):
             help="predict only: folder for the .npy log densities and .png overlays "
             "(default <experiments_root>/<experiment>/predictions).",
         )
-        parser.link_arguments("model.downsample", "data.min_image_side", compute_fn=minimum_image_side)
+        parser.link_arguments("model.downsample", "data.min_image_side", compute_fn=minimum_side_for_downsample)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads the hyper-parameters of a `--ckpt_path` file while parsing: the file is checked to
@@ -261,12 +270,12 @@ def failure_report(error: BaseException, signals: StopSignals) -> tuple[int, Opt
     if isinstance(error, SystemExit):
         return error.code, None
     if isinstance(error, USER_ERRORS):
-        return EXIT_USAGE, one_line(error)
+        return EXIT_USAGE, error_message(error)
     if isinstance(error, RUN_ERRORS):
-        return EXIT_FAILED, one_line(error)
+        return EXIT_FAILED, error_message(error)
     if isinstance(error, OSError):
         return EXIT_FAILED, describe_os_error(error)
-    return EXIT_FAILED, (f"unexpected {type(error).__name__}: {one_line(error)}. This is a bug in deepgaze: rerun "
+    return EXIT_FAILED, (f"unexpected {type(error).__name__}: {error_message(error)}. This is a bug in deepgaze: rerun "
                          f"with {DEBUG_FLAG} (or {DEBUG_ENVIRONMENT}=1) for the traceback and report it")
 
 

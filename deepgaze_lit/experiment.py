@@ -45,7 +45,7 @@ class ExperimentError(Exception):
 
 
 TRAINING_CHECKPOINT = "a deepgaze-lit training checkpoint (a .ckpt file written by `deepgaze fit`)"
-TRAINING_CHECKPOINT_KEYS = ("state_dict", "global_step", "epoch")
+TRAINING_CHECKPOINT_KEYS = ("state_dict", "global_step")
 """Entries every Lightning checkpoint holds (and released weights, plain state dicts, do not)."""
 
 
@@ -71,7 +71,7 @@ def checkpoint_global_step(path: Path) -> Optional[int]:
     try:
         return int(read_training_checkpoint(path)["global_step"])
     except WeightsFileError as error:
-        warnings.warn(f"{error}; ignored", stacklevel=2)
+        warnings.warn(f"{path} is not a readable training checkpoint ({error}); ignored", stacklevel=2)
         return None
 
 

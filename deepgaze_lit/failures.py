@@ -28,6 +28,16 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def error_message(error: BaseException) -> str:
+    """The message of `error` as one line. An error re-raised by a DataLoader worker carries the worker's traceback
+    in its message ("Caught ... Original Traceback ..."): only the original message, its last line, is kept."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return one_line(text)
+
+
 def describe_os_error(error: OSError) -> str:
     """What went wrong with a file, for the user: the path, the cause in words and what to do."""
     path = error.filename if error.filename is not None else "a file"

@@ -14,7 +14,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from ..batch import MIN_IMAGE_SIDE
 from ..resilience import ignore_stop_signals
 from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, CenterbiasModel, TemplateCenterbias,
                          UniformCenterbias)
@@ -83,9 +82,9 @@ class SaliencyDataModule(pl.LightningDataModule):
             `batch.MIN_IMAGE_SIDE` pixels after resizing, the network's limit; smaller images raise an error).
             Prediction uses the configured `centerbias`: "kde" reads the training data to build it; with the
             released weights use "template" and centerbias_mit1003.npy.
-        min_image_side: smallest image side (pixels, after resizing) the network accepts; every image is checked
-            at setup, naming the file of the first one that is smaller. The command line sets it from
-            model.downsample (`model.backbone.minimum_image_side`).
+        min_image_side: smallest image side (pixels, after resizing) the network accepts (`batch.MIN_IMAGE_SIDE`
+            at downsample 2); every image is checked at setup, naming the file of the first one that is smaller.
+            The command line sets it from model.downsample (`model.backbone.minimum_image_side`); None: no check.
     """
 
     def __init__(
@@ -119,7 +118,7 @@ class SaliencyDataModule(pl.LightningDataModule):
         seed: int = 42,
         image_cache_mb: int = 3072,
         predict_dir: Optional[str] = None,
-        min_image_side: int = MIN_IMAGE_SIDE,
+        min_image_side: Optional[int] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -136,7 +135,8 @@ class SaliencyDataModule(pl.LightningDataModule):
         """DataError for settings that cannot work, before any data is read."""
         hp = self.hparams
         if hp.history == "real" and hp.targets != "fixation":
-            raise DataError("data.history 'real' needs data.targets 'fixation': every fixation has its own history")
+            raise DataError("data.history 'real' needs targets 'fixation' (data.targets): every fixation has its own "
+                            "history")
         reader_for(hp.source, self._source_settings())
         if hp.resize == "max_side" and (hp.max_side is None or hp.max_side < 1):
             raise DataError("data.resize 'max_side' needs a positive data.max_side (pixels)")
@@ -160,6 +160,8 @@ class SaliencyDataModule(pl.LightningDataModule):
     def _check_image_sizes(self, dataset: FixationDataset) -> None:
         """DataError naming the first image whose (resized) size is below `min_image_side` on either side."""
         minimum = self.hparams.min_image_side
+        if minimum is None:
+            return
         small = np.flatnonzero(dataset.shapes.min(axis=1) < minimum)
         if len(small):
             height, width = (int(side) for side in dataset.shapes[small[0]])

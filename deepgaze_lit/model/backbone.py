@@ -132,7 +132,7 @@ class DenseNetFeatures(nn.Module):
                                        "expected torchvision densenet201 weights") from error
             if result.missing_keys or result.unexpected_keys:
                 raise WeightsFileError(
-                    f"backbone_weights={str(weights)!r} is not a torchvision DenseNet-201 state dict: "
+                    f"backbone_weights={str(weights)!r} is not a torchvision densenet201 state dict: "
                     f"missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}"
                 )
         self.features = nn.Sequential(ImageNetNormalization(), network)
