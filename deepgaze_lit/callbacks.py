@@ -16,19 +16,40 @@ from deepgaze_lit.rendering import render_panel
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """The one place where checkpoints are written: to `partial_path(<file>)` (`<file>.tmp`) in the target folder,
-    flushed to disk, then renamed over `<file>`, so an interrupted save never leaves a truncated checkpoint behind."""
+    flushed to disk, then renamed over `<file>`, so an interrupted save never leaves a truncated checkpoint behind
+    and the previous `<file>` stays intact. A save that fails (a full disk, a signal) removes its `.tmp` at once;
+    a failure of the disk is raised as the OSError behind it with the checkpoint's path as `filename` (torch
+    reports a full disk as a RuntimeError about zip positions, with the OSError only as its context)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         temporary = partial_path(target)
-        with open(temporary, "wb") as stream:
-            torch.save(checkpoint, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as stream:
+                torch.save(checkpoint, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)
+        except BaseException as error:
+            temporary.unlink(missing_ok=True)
+            cause = os_error_behind(error)
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror or str(cause), str(target)) from error
+
+
+def os_error_behind(error: BaseException) -> Optional[OSError]:
+    """`error` itself when it is an OSError, else the first OSError among its causes and contexts; None if none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class ValidationPanel(Callback):

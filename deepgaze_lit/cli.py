@@ -11,9 +11,15 @@ are added here, in code, so that configs stay short and checkpoint folders canno
 preemption and non-finite-loss callbacks of `deepgaze_lit.resilience`; `--ckpt_path last` resumes the experiment's
 newest checkpoint, and `fit` without `--ckpt_path` into an experiment with checkpoints starts a new run, keeping
 the earlier run's checkpoints in `checkpoints.<n>/`.
+
+Whatever goes wrong ends with one line `deepgaze: error: ...` and an exit status (`deepgaze_lit.failures`): the
+folders a command writes, the checkpoint it is given and the data settings are checked before any work.
 """
 
+import os
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +27,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
@@ -28,24 +35,27 @@ from deepgaze_lit.callbacks import AtomicCheckpointIO, ValidationPanel
 from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.errors import DataError
 from deepgaze_lit.experiment import (BEST, NAMED_CHECKPOINTS, ExperimentDir, ExperimentError,
-                                     checkpoint_global_step, require_training_checkpoint)
+                                     read_training_checkpoint, require_training_checkpoint)
+from deepgaze_lit.failures import (DEBUG_ENVIRONMENT, DEBUG_FLAG, EXIT_FAILED, EXIT_USAGE, UsageError,
+                                   describe_os_error, error_message, require_writable_folder)
+from deepgaze_lit.model.backbone import minimum_image_side
 from deepgaze_lit.model.checkpoint import CheckpointMismatchError
-from deepgaze_lit.model.errors import ModelConfigError
+from deepgaze_lit.model.errors import ModelConfigError, WeightsFileError
 from deepgaze_lit.module import DeepGazeModule
+from deepgaze_lit.output.names import InputImage, check_output_location, list_input_images
 from deepgaze_lit.predict import PredictionWriter
-from deepgaze_lit.resilience import FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint
+from deepgaze_lit.resilience import (SIGNAL_EXIT_BASE, FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint,
+                                     StopSignals, Stopped, signal_name)
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 HALF_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 
 
-class UsageError(Exception):
-    """A mistake in the command or its configuration; `main` prints it as one line and exits with status 2."""
-
-
 USER_ERRORS = (UsageError, ExperimentError, DataError, FileNotFoundError, CheckpointMismatchError,
-               ModelConfigError)
-"""Errors whose message tells the user what to fix: printed as one line, without a traceback."""
+               ModelConfigError, WeightsFileError, MisconfigurationException)
+"""Errors whose message tells the user what to fix: printed as one line, without a traceback, exit status 2."""
+RUN_ERRORS = (NonFiniteLossError,)
+"""Failures while running whose message says what happened and what to do: one line, exit status 1."""
 
 
 def gpu_settings_without_gpu(trainer_config: Any) -> list[str]:
@@ -66,8 +76,44 @@ def gpu_settings_without_gpu(trainer_config: Any) -> list[str]:
     return fixes
 
 
+@dataclass(frozen=True)
+class OutputFolder:
+    """The `--output_dir` of `deepgaze predict` as `check_output_location` sees a writer: files named after the
+    inputs, inside the folder."""
+
+    destination: Path
+
+    def output_path(self, image: InputImage) -> Path:
+        return self.destination / image.relative
+
+
+def check_prediction_folders(predict_dir: Optional[str], output_dir: Path) -> None:
+    """Before predicting: the inputs exist and are listable without name clashes, the outputs cannot land on them
+    (an output folder equal to or inside the input folder is refused) and the output folder can be written."""
+    if predict_dir is None:
+        raise DataError("no data.predict_dir given; expected a folder of images to predict")
+    check_output_location(predict_dir, list_input_images(predict_dir), [OutputFolder(output_dir)])
+    require_writable_folder(output_dir, "--output_dir")
+
+
+def minimum_side_for_downsample(downsample: float) -> int:
+    """The smallest image side (pixels) the network takes at `model.downsample` (the data checks every image)."""
+    if not downsample > 0:
+        raise ValueError(f"model.downsample must be a positive factor, got {downsample}")
+    return minimum_image_side(downsample)
+
+
 class DeepGazeCLI(LightningCLI):
-    """LightningCLI with one folder per experiment and the application's callbacks added in code."""
+    """LightningCLI with one folder per experiment and the application's callbacks added in code.
+
+    Args:
+        stop_signals: the process's signal records (`deepgaze_lit.resilience.StopSignals`), installed by `main`
+            before anything else and handed to the preemption callback of `fit`.
+    """
+
+    def __init__(self, *args: Any, stop_signals: Optional[StopSignals] = None, **kwargs: Any) -> None:
+        self.stop_signals = stop_signals
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
@@ -81,6 +127,16 @@ class DeepGazeCLI(LightningCLI):
             help="predict only: folder for the .npy log densities and .png overlays "
             "(default <experiments_root>/<experiment>/predictions).",
         )
+        parser.link_arguments("model.downsample", "data.min_image_side", compute_fn=minimum_side_for_downsample)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the hyper-parameters of a `--ckpt_path` file while parsing: the file is checked to
+        be a training checkpoint first, so that a wrong file is one clear error."""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            require_training_checkpoint(Path(ckpt_path))
+        super()._parse_ckpt_path()
 
     @property
     def experiment(self) -> ExperimentDir:
@@ -113,9 +169,7 @@ class DeepGazeCLI(LightningCLI):
         config = self.config[self.subcommand]
         experiment = self.experiment
         best = experiment.existing_checkpoint(BEST)
-        step = checkpoint_global_step(best)
-        if step is None:
-            raise ExperimentError(f"{best} is not a readable training checkpoint")
+        step = int(read_training_checkpoint(best)["global_step"])
         config.ckpt_path = str(best)
         if rank_zero_only.rank != 0:
             return
@@ -130,6 +184,10 @@ class DeepGazeCLI(LightningCLI):
         fixes = gpu_settings_without_gpu(config.trainer)
         if fixes:
             raise UsageError("no GPU found: run with " + " ".join(fixes))
+        if self.subcommand == "predict":
+            check_prediction_folders(config.data.predict_dir, Path(config.output_dir or self.experiment.predictions))
+        else:
+            require_writable_folder(self.experiment.path, "--experiments_root/--experiment")
         if self.subcommand == "fit":
             self.resolve_fit_checkpoint()
         ckpt_path = config.get("ckpt_path")
@@ -157,7 +215,7 @@ class DeepGazeCLI(LightningCLI):
             logger = experiment.tensorboard_logger()
         if self.subcommand == "fit":
             last = str(experiment.checkpoints.last)
-            callbacks += [PreemptionCheckpoint(last), FiniteLossGuard(last)]
+            callbacks += [PreemptionCheckpoint(last, self.stop_signals), FiniteLossGuard(last)]
             if trainer_config.get("enable_checkpointing") is not False:
                 callbacks += experiment.checkpoints.callbacks()
         if logger is not False:
@@ -192,8 +250,43 @@ def ig_summary(metrics: dict) -> str:
     return line
 
 
+def without_debug_flag(args: ArgsType) -> tuple[ArgsType, bool]:
+    """The arguments without `--debug`, and whether a traceback was asked for (`--debug` or DEEPGAZE_DEBUG=1)."""
+    arguments = sys.argv[1:] if args is None else args
+    debug = os.environ.get(DEBUG_ENVIRONMENT, "") not in ("", "0")
+    if isinstance(arguments, (list, tuple)) and DEBUG_FLAG in arguments:
+        return [argument for argument in arguments if argument != DEBUG_FLAG], True
+    return arguments, debug
+
+
+def failure_report(error: BaseException, signals: StopSignals) -> tuple[int, Optional[str]]:
+    """The exit status of a run that ended with `error`, and its one-line message (None: already printed)."""
+    signum = signals.terminating_signal()
+    if isinstance(error, Stopped):
+        signum = error.signum
+    if signum is not None:
+        return SIGNAL_EXIT_BASE + signum, (f"stopped by {signal_name(signum)}; the checkpoints written so far are "
+                                           "kept (a fit resumes with --ckpt_path last)")
+    if isinstance(error, SystemExit):
+        return error.code, None
+    if isinstance(error, USER_ERRORS):
+        return EXIT_USAGE, error_message(error)
+    if isinstance(error, RUN_ERRORS):
+        return EXIT_FAILED, error_message(error)
+    if isinstance(error, OSError):
+        return EXIT_FAILED, describe_os_error(error)
+    return EXIT_FAILED, (f"unexpected {type(error).__name__}: {error_message(error)}. This is a bug in deepgaze: rerun "
+                         f"with {DEBUG_FLAG} (or {DEBUG_ENVIRONMENT}=1) for the traceback and report it")
+
+
 def main(args: ArgsType = None) -> None:
-    """Entry point of the `deepgaze` console script; `args` replaces sys.argv[1:] (used by tests)."""
+    """Entry point of the `deepgaze` console script; `args` replaces sys.argv[1:] (used by tests).
+
+    Signals are recorded from the first moment (`StopSignals`); every failure ends with one line on stderr and the
+    exit status of `deepgaze_lit.failures`; `--debug` (or DEEPGAZE_DEBUG=1) prints the traceback before it.
+    """
+    args, debug = without_debug_flag(args)
+    signals = StopSignals().install()
     try:
         DeepGazeCLI(
             DeepGazeModule,
@@ -202,13 +295,21 @@ def main(args: ArgsType = None) -> None:
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,
+            stop_signals=signals,
         )
-    except USER_ERRORS as error:
-        print(f"deepgaze: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except NonFiniteLossError as error:
-        print(f"deepgaze: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except BaseException as error:  # noqa: BLE001 - every way out gets its status and one line
+        status, message = failure_report(error, signals)
+        if debug and not isinstance(error, SystemExit):
+            traceback.print_exception(error)
+        if message is not None:
+            print(f"deepgaze: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(status) from None
+    finally:
+        signals.restore()
+    signum = signals.terminating_signal()
+    if signum is not None:
+        print(f"deepgaze: error: stopped by {signal_name(signum)}", file=sys.stderr, flush=True)
+        raise SystemExit(SIGNAL_EXIT_BASE + signum)
 
 
 if __name__ == "__main__":

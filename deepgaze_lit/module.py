@@ -20,6 +20,7 @@ from deepgaze_lit.metrics.evaluation import Evaluation, evaluation_scalars, writ
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
 from deepgaze_lit.model.checkpoint import CheckpointMismatchError, diff_state_dict
 from deepgaze_lit.model.deepgaze3 import BlockLogDensity, DeepGazeIII
+from deepgaze_lit.model.errors import ModelConfigError
 from deepgaze_lit.model.freeze import freeze_parameters
 from deepgaze_lit.model.grids import DOWNSAMPLE
 
@@ -87,12 +88,12 @@ class DeepGazeModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if component is not None and num_components != 1:
-            raise ValueError(
+            raise ModelConfigError(
                 f"model.component {component} loads one component of a mixture: set model.num_components 1 "
                 f"(got {num_components})"
             )
         if entropy_every < 1:
-            raise ValueError(f"model.entropy_every must be a positive number of steps, got {entropy_every}")
+            raise ModelConfigError(f"model.entropy_every must be a positive number of steps, got {entropy_every}")
         self.model = DeepGazeIII(
             num_components=num_components, scanpath=scanpath, backbone_weights=backbone_weights, downsample=downsample
         )
@@ -148,10 +149,13 @@ class DeepGazeModule(L.LightningModule):
         # The frozen backbone stays in the list (it never has a gradient, so the optimiser never changes it): the
         # parameter groups keep the layout of checkpoints written before `freeze` existed, which then still resume.
         trainable = [parameter for name, parameter in self.model.named_parameters() if name not in self._frozen]
-        optimizer = self.optimizer(trainable)
-        if self.lr_scheduler is None:
+        try:
+            optimizer = self.optimizer(trainable)
+            scheduler = self.lr_scheduler(optimizer) if self.lr_scheduler is not None else None
+        except ValueError as error:  # torch's checks of the settings (a negative learning rate, ...)
+            raise ModelConfigError(f"model.optimizer / model.lr_scheduler: {error}") from error
+        if scheduler is None:
             return optimizer
-        scheduler = self.lr_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def setup(self, stage: str) -> None:

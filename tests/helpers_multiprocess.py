@@ -328,3 +328,13 @@ def callback_args(class_name: str, **init_args) -> list[str]:
     for key, value in init_args.items():
         args += [f"--trainer.callbacks.init_args.{key}", str(value)]
     return args
+
+
+class SignalAtSetup(Callback):
+    """Sends `signum` to its own process in its `setup` hook: after the data is set up, before training starts."""
+
+    def __init__(self, signum: int = int(signal.SIGUSR1)) -> None:
+        self.signum = signum
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        os.kill(os.getpid(), self.signum)

@@ -11,8 +11,8 @@ import torch
 
 from deepgaze_lit.cli import main
 from deepgaze_lit.experiment import CheckpointFolder
-from deepgaze_lit.resilience import (FiniteLossGuard, NonFiniteLossError, Preempted, PreemptionCheckpoint,
-                                     ignore_requeue_signal, slurm_job_id)
+from deepgaze_lit.resilience import (FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint, Stopped,
+                                     ignore_stop_signals, slurm_job_id)
 from helpers_multiprocess import checkpoint_dir, write_config
 
 
@@ -67,13 +67,15 @@ def test_partial_checkpoint_files_are_removed(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_loader_workers_ignore_the_requeue_signal():
-    previous = signal.getsignal(signal.SIGUSR1)
+def test_loader_workers_ignore_the_requeue_and_termination_signals():
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        ignore_requeue_signal(worker_id=0)
+        ignore_stop_signals(worker_id=0)
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_slurm_job_id_of_array_and_plain_jobs(monkeypatch):
@@ -125,9 +127,9 @@ def test_sigusr1_saves_after_the_optimizer_step_and_stops(tmp_path, monkeypatch,
     toy_trainer(tmp_path, callback).fit(ToyModule())
     assert signal.getsignal(signal.SIGUSR1) == handler_before, "a finished fit restores the previous handler"
     assert not (tmp_path / "last.ckpt").exists()
-    with pytest.raises(Preempted) as stopped:
+    with pytest.raises(Stopped) as stopped:
         toy_trainer(tmp_path, callback, accumulate).fit(ToyModule(signal_step=signal_step))
-    assert stopped.value.code == 0
+    assert stopped.value.code == 128 + signal.SIGUSR1
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == saved_step and saved["epoch"] == 1
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2

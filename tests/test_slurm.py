@@ -94,7 +94,7 @@ def test_sigusr1_to_every_process_of_a_one_node_two_task_job_checkpoints_requeue
     wait_for_file(last, processes, tmp_path / "logs1")
     for process in processes:
         kill_group(process, signal.SIGUSR1)
-    assert wait(processes) == [0, 0], read_logs(tmp_path / "logs1")
+    assert wait(processes) == [128 + signal.SIGUSR1] * 2, read_logs(tmp_path / "logs1")
     assert scontrol_log.read_text().split() == ["requeue", "5151"]
     stopped_at = load_checkpoint(last)["global_step"]
     assert STEPS_PER_EPOCH[2] <= stopped_at < MAX_EPOCHS * STEPS_PER_EPOCH[2]

@@ -120,8 +120,13 @@ class TemplateCenterbias:
             raise DataError(f"{path}: centre-bias template not found; expected a .npy file with a 2-D log density")
         try:
             template = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise DataError(f"{path}: cannot read the centre-bias template ({err}); expected a .npy array") from err
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"{path}: cannot read the centre-bias template (not a .npy array of numbers, or "
+                            "truncated; pickled objects are never loaded); expected a .npy file with a 2-D log "
+                            "density") from err
+        if not isinstance(template, np.ndarray):
+            raise DataError(f"{path}: centre-bias template is an .npz archive; expected a .npy file with a 2-D log "
+                            "density")
         if template.ndim != 2 or not np.issubdtype(template.dtype, np.floating):
             raise DataError(f"{path}: centre-bias template has shape {template.shape} and dtype {template.dtype}; "
                             "expected a 2-D float array of log densities")

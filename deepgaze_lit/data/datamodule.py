@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from ..resilience import ignore_requeue_signal
+from ..resilience import ignore_stop_signals
 from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, CenterbiasModel, TemplateCenterbias,
                          UniformCenterbias)
 from .dataset import FixationDataset
@@ -82,6 +82,9 @@ class SaliencyDataModule(pl.LightningDataModule):
             `batch.MIN_IMAGE_SIDE` pixels after resizing, the network's limit; smaller images raise an error).
             Prediction uses the configured `centerbias`: "kde" reads the training data to build it; with the
             released weights use "template" and centerbias_mit1003.npy.
+        min_image_side: smallest image side (pixels, after resizing) the network accepts (`batch.MIN_IMAGE_SIDE`
+            at downsample 2); every image is checked at setup, naming the file of the first one that is smaller.
+            The command line sets it from model.downsample (`model.backbone.minimum_image_side`); None: no check.
     """
 
     def __init__(
@@ -115,18 +118,11 @@ class SaliencyDataModule(pl.LightningDataModule):
         seed: int = 42,
         image_cache_mb: int = 3072,
         predict_dir: Optional[str] = None,
+        min_image_side: Optional[int] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
-        if history == "real" and targets != "fixation":
-            raise ValueError("history 'real' needs targets 'fixation': every fixation has its own history")
-        reader_for(source, self._source_settings())
-        if resize == "max_side" and (max_side is None or max_side < 1):
-            raise ValueError("resize 'max_side' needs a positive data.max_side (pixels)")
-        if centerbias == "template" and centerbias_template is None:
-            raise ValueError("centerbias 'template' needs data.centerbias_template (a .npy log density)")
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError("batch_size and eval_batch_size must be at least 1")
+        self._check_settings()
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.summary: Optional[str] = None
         self._splits: dict[str, FixationDataset] = {}
@@ -134,6 +130,45 @@ class SaliencyDataModule(pl.LightningDataModule):
         self._centerbias: Optional[CenterbiasTensors] = None
         self._samples: dict[str, ImageSamples | FixationSamples] = {}
         self._digests: dict[int, str] = {}
+
+    def _check_settings(self) -> None:
+        """DataError for settings that cannot work, before any data is read."""
+        hp = self.hparams
+        if hp.history == "real" and hp.targets != "fixation":
+            raise DataError("data.history 'real' needs targets 'fixation' (data.targets): every fixation has its own "
+                            "history")
+        reader_for(hp.source, self._source_settings())
+        if hp.resize == "max_side" and (hp.max_side is None or hp.max_side < 1):
+            raise DataError("data.resize 'max_side' needs a positive data.max_side (pixels)")
+        if hp.centerbias == "template" and hp.centerbias_template is None:
+            raise DataError("data.centerbias 'template' needs data.centerbias_template (a .npy log density)")
+        for name in ("batch_size", "eval_batch_size", "synthetic_images", "synthetic_subjects"):
+            if hp[name] is not None and hp[name] < 1:
+                raise DataError(f"data.{name} must be at least 1, got {hp[name]}")
+        if hp.num_workers < 0 or hp.image_cache_mb < 0:
+            raise DataError("data.num_workers and data.image_cache_mb must not be negative")
+        if hp.split == "crossval" and (hp.folds < 3 or not 0 <= hp.fold < hp.folds):
+            raise DataError(f"data.split 'crossval' needs data.folds >= 3 and 0 <= data.fold < data.folds, got "
+                            f"folds {hp.folds} and fold {hp.fold}")
+        if hp.split == "holdout" and (hp.val_images < 1 or hp.test_images < 0):
+            raise DataError(f"data.split 'holdout' needs data.val_images >= 1 and data.test_images >= 0, got "
+                            f"{hp.val_images} and {hp.test_images}")
+        if hp.centerbias == "template" and not Path(hp.centerbias_template).is_file():
+            raise DataError(f"{hp.centerbias_template}: centre-bias template not found (data.centerbias_template); "
+                            "expected a .npy file with a 2-D log density")
+
+    def _check_image_sizes(self, dataset: FixationDataset) -> None:
+        """DataError naming the first image whose (resized) size is below `min_image_side` on either side."""
+        minimum = self.hparams.min_image_side
+        if minimum is None:
+            return
+        small = np.flatnonzero(dataset.shapes.min(axis=1) < minimum)
+        if len(small):
+            height, width = (int(side) for side in dataset.shapes[small[0]])
+            raise DataError(
+                f"{dataset.describe_image(int(small[0]))}: {height}x{width} pixels (after data.resize "
+                f"'{self.hparams.resize}') is below the network's minimum of {minimum} pixels per side "
+                f"({len(small)} image(s) this small); remove or upscale such images, or choose another data.resize")
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Read, resize and split the data and build the centre bias once (idempotent); "predict" needs only
@@ -150,12 +185,15 @@ class SaliencyDataModule(pl.LightningDataModule):
     def _read_source(self) -> FixationDataset:
         return read_source(self.hparams.source, self._source_settings())
 
-    def _split_indices(self, n_images: int) -> dict[str, np.ndarray]:
+    def _split_indices(self, dataset: FixationDataset) -> dict[str, np.ndarray]:
         hp = self.hparams
-        if hp.split == "crossval":
-            train, val, test = crossval_split(n_images, hp.folds, hp.fold)
-        else:
-            train, val, test = holdout_split(n_images, hp.val_images, hp.test_images, hp.split_seed)
+        try:
+            if hp.split == "crossval":
+                train, val, test = crossval_split(dataset.n_images, hp.folds, hp.fold)
+            else:
+                train, val, test = holdout_split(dataset.n_images, hp.val_images, hp.test_images, hp.split_seed)
+        except DataError as err:
+            raise DataError(f"{dataset.source}: {err}") from err
         return {"train": train, "val": val, "test": test}
 
     def _setup_splits(self) -> None:
@@ -164,9 +202,10 @@ class SaliencyDataModule(pl.LightningDataModule):
         hp = self.hparams
         native = self._read_source()
         dataset = native.resized(target_shapes(native.shapes, hp.resize, hp.max_side))
+        self._check_image_sizes(dataset)
         targets = dataset.targets_per_image()
         splits, empty = {}, {}
-        for name, indices in self._split_indices(dataset.n_images).items():
+        for name, indices in self._split_indices(dataset).items():
             with_targets = indices[targets[indices] > 0]
             empty[name] = len(indices) - len(with_targets)
             splits[name] = dataset.subset(with_targets)
@@ -259,10 +298,11 @@ class SaliencyDataModule(pl.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def _loader_options(self) -> dict:
-        """Workers ignore SIGUSR1: SLURM sends it to every process of the job, the training process handles it."""
+        """Workers ignore SIGUSR1 and SIGTERM: SLURM sends them to every process of the job, the training process
+        handles them."""
         workers = self.hparams.num_workers
         return {"num_workers": workers, "persistent_workers": workers > 0,
-                "worker_init_fn": ignore_requeue_signal if workers > 0 else None,
+                "worker_init_fn": ignore_stop_signals if workers > 0 else None,
                 "pin_memory": self.hparams.pin_memory and torch.cuda.is_available()}
 
     def train_dataloader(self) -> ResumableDataLoader:

@@ -40,9 +40,18 @@ def _type_and_version(handle: h5py.File, path: Path, known: dict[str, tuple[str,
     return data_type, version
 
 
+def _open_hdf5(path: Path) -> h5py.File:
+    """`path` opened read-only; DataError naming the file when it is not HDF5 (or truncated, or unreadable)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{path}: not a readable HDF5 file ({err}); expected the {path.name} that pysaliency "
+                        "0.2.22 writes") from err
+
+
 def _read_stimuli(path: Path) -> dict:
     """Shapes and image paths (FileStimuli) or pixels (Stimuli) from stimuli.hdf5."""
-    with h5py.File(path, "r") as handle:
+    with _open_hdf5(path) as handle:
         data_type, version = _type_and_version(handle, path, STIMULI_VERSIONS)
         if data_type == "Stimuli":
             count = int(handle.attrs["size"])
@@ -118,7 +127,7 @@ def read_pysaliency(path: str | Path, initial_fixation: Optional[bool] = None) -
     stimuli = _read_stimuli(stimuli_path)
     if len(stimuli["shapes"]) == 0:
         raise DataError(f"{stimuli_path}: no stimuli; expected at least one image")
-    with h5py.File(fixations_path, "r") as handle:
+    with _open_hdf5(fixations_path) as handle:
         data_type, _ = _type_and_version(handle, fixations_path, FIXATIONS_VERSIONS)
         read = _read_fixation_trains if data_type == "FixationTrains" else _read_fixations
         fixations = read(handle, fixations_path)

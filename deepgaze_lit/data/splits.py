@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from .errors import DataError
+
 CROSSVAL_SEED = 42
 """pysaliency shuffles the image indices with numpy.random.RandomState(42) for every fold."""
 
@@ -18,12 +20,13 @@ def crossval_split(n_images: int, folds: int = 10, fold: int = 0) -> tuple[np.nd
     train = the other chunks in chunk order. MIT1003 (N=1003, 10 folds) gives 808/94/101 for fold 0.
     """
     if folds < 3:
-        raise ValueError(f"crossval needs at least 3 folds (train, validation, test), got folds={folds}")
+        raise DataError(f"crossval needs at least 3 folds (train, validation, test), got data.folds {folds}")
     if not 0 <= fold < folds:
-        raise ValueError(f"fold must be in 0..{folds - 1}, got {fold}")
+        raise DataError(f"data.fold must be in 0..{folds - 1} (data.folds {folds}), got {fold}")
     chunk = math.ceil(n_images / folds)
     if n_images < folds or chunk * (folds - 1) >= n_images:
-        raise ValueError(f"{n_images} images are too few for {folds} crossval folds: some folds would be empty")
+        raise DataError(f"{n_images} images are too few for {folds} crossval folds (some folds would be empty); "
+                        "lower data.folds or use more images")
     order = np.arange(n_images)
     np.random.RandomState(CROSSVAL_SEED).shuffle(order)
     chunks = [order[i * chunk:(i + 1) * chunk] for i in range(folds)]
@@ -40,10 +43,11 @@ def holdout_split(n_images: int, val_images: int = 101, test_images: int = 0,
     the rest is training. With test_images == 0 the test split is the validation split (e.g. MIT1003 902/101).
     """
     if val_images < 1 or test_images < 0:
-        raise ValueError(f"holdout needs val_images >= 1 and test_images >= 0, got {val_images} and {test_images}")
+        raise DataError(f"holdout needs data.val_images >= 1 and data.test_images >= 0, got {val_images} and "
+                        f"{test_images}")
     if val_images + test_images >= n_images:
-        raise ValueError(f"holdout of {val_images} validation + {test_images} test images leaves no training "
-                         f"images out of {n_images}; lower val_images/test_images")
+        raise DataError(f"holdout of {val_images} validation + {test_images} test images leaves no training "
+                        f"images out of {n_images}; lower data.val_images/data.test_images")
     order = np.random.RandomState(seed).permutation(n_images)
     val = np.sort(order[:val_images])
     test = np.sort(order[val_images:val_images + test_images]) if test_images else val

@@ -19,7 +19,8 @@ from torch import Tensor
 from torchvision.models import DenseNet201_Weights, densenet201
 
 from deepgaze_lit.batch import MIN_IMAGE_SIDE  # noqa: F401 - re-exported: the limit at downsample 2
-from deepgaze_lit.model.errors import ModelConfigError
+from deepgaze_lit.model.errors import ModelConfigError, WeightsFileError
+from deepgaze_lit.model.files import load_torch_file
 from deepgaze_lit.model.grids import DOWNSAMPLE, subsampled_side
 
 IMAGENET_WEIGHTS = DenseNet201_Weights.IMAGENET1K_V1
@@ -70,9 +71,10 @@ def read_densenet_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DenseNet-201 weight file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (a dict of tensors) but a {type(state).__name__}")
+    state = load_torch_file(path, "torchvision DenseNet-201 weights (a state dict saved with torch.save)")
+    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
+        raise WeightsFileError(f"{path} does not hold a state dict (a dict of tensors) but a {type(state).__name__}; "
+                               "expected torchvision DenseNet-201 weights")
     return OrderedDict((_LEGACY_DENSELAYER_KEY.sub(r"\1\2.\3", key), value) for key, value in state.items())
 
 
@@ -123,9 +125,13 @@ class DenseNetFeatures(nn.Module):
         state = _backbone_state_dict(weights)
         network = densenet201(weights=None)
         if state is not None:
-            result = network.load_state_dict(state, strict=False)
+            try:
+                result = network.load_state_dict(state, strict=False)
+            except RuntimeError as error:
+                raise WeightsFileError(f"backbone_weights={str(weights)!r}: its tensor shapes are not DenseNet-201's; "
+                                       "expected torchvision densenet201 weights") from error
             if result.missing_keys or result.unexpected_keys:
-                raise ValueError(
+                raise WeightsFileError(
                     f"backbone_weights={str(weights)!r} is not a torchvision densenet201 state dict: "
                     f"missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}"
                 )

@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from deepgaze_lit.model.errors import WeightsFileError
+from deepgaze_lit.model.files import load_torch_file
+
 COMPONENT_PREFIXES = {
     "saliency_network": "saliency_networks",
     "scanpath_network": "scanpath_networks",
@@ -96,11 +99,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "DeepGaze III weights (a state dict saved with torch.save, e.g. deepgaze3.pth)")
     if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
         lightning = isinstance(state, dict) and "state_dict" in state
         hint = " (a Lightning checkpoint? load it with the Lightning module instead)" if lightning else ""
-        raise ValueError(f"{path} is not a DeepGaze III state dict (a flat dict of tensors){hint}")
+        raise WeightsFileError(f"{path} is not a DeepGaze III state dict (a flat dict of tensors){hint}")
     return state
 
 

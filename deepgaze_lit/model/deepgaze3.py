@@ -121,7 +121,7 @@ class DeepGazeIII(nn.Module):
     ):
         super().__init__()
         if num_components < 1:
-            raise ValueError(f"num_components must be >= 1, got {num_components}")
+            raise ModelConfigError(f"model.num_components must be >= 1, got {num_components}")
         if not (math.isfinite(downsample) and downsample > 0):
             raise ModelConfigError(
                 f"downsample must be a finite factor > 0 (2 as in the release, 1.5 for SALICON), got {downsample!r}"
