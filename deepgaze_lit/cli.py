@@ -4,6 +4,7 @@
     deepgaze fit --config configs/baseline.yaml --ckpt_path last          # resume (or start when nothing to resume)
     deepgaze validate --config configs/baseline.yaml --ckpt_path best     # evaluate best.ckpt, write a report
     deepgaze predict --config configs/baseline.yaml --ckpt_path best --data.predict_dir images/
+    deepgaze export --experiment baseline --ckpt_path best --output model.pth   # release layout (deepgaze_lit.export)
 
 Every run of an experiment shares one folder `<experiments_root>/<experiment>/` (see `deepgaze_lit.experiment`);
 the checkpoint callbacks, TensorBoard logger, learning-rate monitor, validation image panel and prediction writer
@@ -29,7 +30,8 @@ from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.errors import DataError
 from deepgaze_lit.experiment import (BEST, NAMED_CHECKPOINTS, ExperimentDir, ExperimentError,
                                      checkpoint_global_step, require_training_checkpoint)
-from deepgaze_lit.model.checkpoint import CheckpointMismatchError
+from deepgaze_lit.export import run_export
+from deepgaze_lit.model.checkpoint import CheckpointMismatchError, require_backbone_weights, saved_backbone
 from deepgaze_lit.model.errors import ModelConfigError
 from deepgaze_lit.module import DeepGazeModule
 from deepgaze_lit.predict import PredictionWriter
@@ -140,11 +142,14 @@ class DeepGazeCLI(LightningCLI):
         if not Path(ckpt_path).is_file():
             raise UsageError(f"checkpoint {ckpt_path} does not exist")
         require_training_checkpoint(Path(ckpt_path))
-        # The checkpoint supplies every weight, the frozen backbone's included: rebuilding the model must not need
-        # the starting weights (init_from), nor, outside a resumed fit, the ImageNet file.
+        # The checkpoint supplies the trained weights: rebuilding the model must not need the starting weights
+        # (init_from), nor, outside a resumed fit, the backbone's weights file when the checkpoint holds the backbone.
         config.model.init_from = None
-        if self.subcommand != "fit":
+        with_backbone, record = saved_backbone(ckpt_path)
+        if with_backbone and self.subcommand != "fit":
             config.model.backbone_weights = "none"
+        elif not with_backbone and record is not None:
+            require_backbone_weights(config.model.backbone_weights, ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer")
@@ -194,6 +199,9 @@ def ig_summary(metrics: dict) -> str:
 
 def main(args: ArgsType = None) -> None:
     """Entry point of the `deepgaze` console script; `args` replaces sys.argv[1:] (used by tests)."""
+    command = sys.argv[1:] if args is None else args
+    if isinstance(command, list) and command[:1] == ["export"]:  # not a Trainer subcommand: its own parser
+        return run_export(command[1:])
     try:
         DeepGazeCLI(
             DeepGazeModule,
