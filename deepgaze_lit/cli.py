@@ -4,6 +4,7 @@
     deepgaze fit --config configs/baseline.yaml --ckpt_path last          # resume (or start when nothing to resume)
     deepgaze validate --config configs/baseline.yaml --ckpt_path best     # evaluate best.ckpt, write a report
     deepgaze predict --config configs/baseline.yaml --ckpt_path best --data.predict_dir images/
+    deepgaze export --experiment baseline --ckpt_path best --output model.pth   # release layout (deepgaze_lit.export)
 
 Every run of an experiment shares one folder `<experiments_root>/<experiment>/` (see `deepgaze_lit.experiment`);
 the checkpoint callbacks, TensorBoard logger, learning-rate monitor, validation image panel and prediction writer
@@ -35,11 +36,13 @@ from deepgaze_lit.callbacks import AtomicCheckpointIO, ValidationPanel
 from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.errors import DataError
 from deepgaze_lit.experiment import (BEST, NAMED_CHECKPOINTS, ExperimentDir, ExperimentError,
-                                     read_training_checkpoint, require_training_checkpoint)
+                                     require_training_checkpoint)
+from deepgaze_lit.export import run_export
 from deepgaze_lit.failures import (DEBUG_ENVIRONMENT, DEBUG_FLAG, EXIT_FAILED, EXIT_USAGE, UsageError,
                                    describe_os_error, error_message, require_writable_folder)
 from deepgaze_lit.model.backbone import minimum_image_side
-from deepgaze_lit.model.checkpoint import CheckpointMismatchError
+from deepgaze_lit.model.checkpoint import (CheckpointMismatchError, read_training_checkpoint, require_backbone_weights,
+                                           saved_backbone)
 from deepgaze_lit.model.errors import ModelConfigError, WeightsFileError
 from deepgaze_lit.module import DeepGazeModule
 from deepgaze_lit.output.names import InputImage, check_output_location, list_input_images
@@ -198,11 +201,14 @@ class DeepGazeCLI(LightningCLI):
         if not Path(ckpt_path).is_file():
             raise UsageError(f"checkpoint {ckpt_path} does not exist")
         require_training_checkpoint(Path(ckpt_path))
-        # The checkpoint supplies every weight, the frozen backbone's included: rebuilding the model must not need
-        # the starting weights (init_from), nor, outside a resumed fit, the ImageNet file.
+        # The checkpoint supplies the trained weights: rebuilding the model must not need the starting weights
+        # (init_from), nor, outside a resumed fit, the backbone's weights file when the checkpoint holds the backbone.
         config.model.init_from = None
-        if self.subcommand != "fit":
+        with_backbone, record = saved_backbone(ckpt_path)
+        if with_backbone and self.subcommand != "fit":
             config.model.backbone_weights = "none"
+        elif not with_backbone and record is not None:
+            require_backbone_weights(config.model.backbone_weights, ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer")
@@ -287,16 +293,20 @@ def main(args: ArgsType = None) -> None:
     """
     args, debug = without_debug_flag(args)
     signals = StopSignals().install()
+    command = list(args) if isinstance(args, (list, tuple)) else []
     try:
-        DeepGazeCLI(
-            DeepGazeModule,
-            SaliencyDataModule,
-            trainer_defaults={"use_distributed_sampler": False},
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            args=args,
-            stop_signals=signals,
-        )
+        if command[:1] == ["export"]:  # not a Trainer subcommand: its own parser
+            run_export(command[1:])
+        else:
+            DeepGazeCLI(
+                DeepGazeModule,
+                SaliencyDataModule,
+                trainer_defaults={"use_distributed_sampler": False},
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+                args=args,
+                stop_signals=signals,
+            )
     except BaseException as error:  # noqa: BLE001 - every way out gets its status and one line
         status, message = failure_report(error, signals)
         if debug and not isinstance(error, SystemExit):

@@ -18,13 +18,12 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from deepgaze_lit.model.checkpoint import read_training_checkpoint
 from deepgaze_lit.model.errors import WeightsFileError
-from deepgaze_lit.model.files import load_torch_file
 
 CHECKPOINT_SUFFIX = ".ckpt"
 PARTIAL_SUFFIX = ".tmp"
@@ -44,32 +43,11 @@ class ExperimentError(Exception):
     (an unreadable file or one of another kind raises `WeightsFileError`)."""
 
 
-TRAINING_CHECKPOINT = "a deepgaze-lit training checkpoint (a .ckpt file written by `deepgaze fit`)"
-TRAINING_CHECKPOINT_KEYS = ("state_dict", "global_step")
-"""Entries every Lightning checkpoint holds (and released weights, plain state dicts, do not)."""
-
-
-def read_training_checkpoint(path: Path) -> dict:
-    """The checkpoint in `path` (tensors memory-mapped); WeightsFileError naming the file unless it is a Lightning
-    checkpoint (unreadable, truncated, a bare tensor, released weights, another kind of dict)."""
-    checkpoint = load_torch_file(path, TRAINING_CHECKPOINT, mmap=True)
-    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in TRAINING_CHECKPOINT_KEYS):
-        if isinstance(checkpoint, dict) and checkpoint and all(isinstance(value, torch.Tensor)
-                                                               for value in checkpoint.values()):
-            raise WeightsFileError(f"{path} holds network weights, not {TRAINING_CHECKPOINT}: for released "
-                                   f"weights such as deepgaze3.pth use --model.init_from {path} instead of --ckpt_path")
-        raise WeightsFileError(f"{path} holds a {type(checkpoint).__name__} of other content, not "
-                               f"{TRAINING_CHECKPOINT}")
-    if not isinstance(checkpoint["state_dict"], dict):
-        raise WeightsFileError(f"{path}: its state_dict is not a dict of tensors; expected {TRAINING_CHECKPOINT}")
-    return checkpoint
-
-
 def checkpoint_global_step(path: Path) -> Optional[int]:
     """The global step (optimizer steps done) stored in a Lightning checkpoint; None, with a warning, when the
     file cannot be read as one."""
     try:
-        return int(read_training_checkpoint(path)["global_step"])
+        return int(read_training_checkpoint(path, mmap=True)["global_step"])
     except WeightsFileError as error:
         warnings.warn(f"{path} is not a readable training checkpoint ({error}); ignored", stacklevel=2)
         return None
@@ -78,7 +56,7 @@ def checkpoint_global_step(path: Path) -> Optional[int]:
 def require_training_checkpoint(path: Path) -> None:
     """Raise WeightsFileError unless `path` is a Lightning checkpoint written by `deepgaze fit` (released weights
     such as deepgaze3.pth are plain state dicts: the message points to --model.init_from)."""
-    read_training_checkpoint(path)
+    read_training_checkpoint(path, mmap=True)
 
 
 def partial_path(target: Path) -> Path:

@@ -18,7 +18,18 @@ from deepgaze_lit.feature_cache import CachedBackbone, FeatureCache
 from deepgaze_lit.loss import fixation_log_likelihood_bits, regulariser_entropy, weighted_nll_bits
 from deepgaze_lit.metrics.evaluation import Evaluation, evaluation_scalars, write_evaluation_report
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
-from deepgaze_lit.model.checkpoint import CheckpointMismatchError, diff_state_dict
+from deepgaze_lit.model.checkpoint import (
+    BACKBONE_PREFIX,
+    BACKBONE_RECORD,
+    NETWORK_PREFIX,
+    BackboneRecord,
+    CheckpointMismatchError,
+    backbone_fingerprint,
+    check_initialisation,
+    diff_state_dict,
+    holds_backbone,
+    network_state,
+)
 from deepgaze_lit.model.deepgaze3 import BlockLogDensity, DeepGazeIII
 from deepgaze_lit.model.errors import ModelConfigError
 from deepgaze_lit.model.freeze import freeze_parameters
@@ -38,9 +49,12 @@ class DeepGazeModule(L.LightningModule):
         scanpath: with scanpath networks (history-dependent); False = spatial-only readout.
         backbone_weights: "imagenet" (torchvision's DenseNet-201 file, offline), "none" (random, for tests and the
             synthetic quickstart) or a path to a DenseNet-201 state dict.
-        init_from: starting weights: the released `deepgaze3.pth` or a single-fold checkpoint of the reference,
-            loaded with `deepgaze_lit.model.checkpoint.load_weights` (its key report is printed). Not used when a
-            run restores a training checkpoint (`--ckpt_path`).
+        init_from: starting weights: the released `deepgaze3.pth`, a single-fold checkpoint of the reference, a
+            training checkpoint (`.ckpt`, any stage) or a `deepgaze export` file, loaded with
+            `deepgaze_lit.model.checkpoint.load_weights`: the parameters the file holds in the same shapes are
+            loaded, the others keep their fresh initialisation (a spatial model into a scanpath model: the scanpath
+            networks); the key report is printed. Not used when a run restores a training checkpoint
+            (`--ckpt_path`).
         component: load only component k of the mixture in `init_from` into a one-component network (to evaluate
             fold k of the release on its own held-out fold); requires num_components 1.
         downsample: factor by which images are subsampled before the backbone (`DeepGazeIII`): 2 as the release,
@@ -48,6 +62,9 @@ class DeepGazeModule(L.LightningModule):
         freeze: parameter-name prefixes (`deepgaze_lit.model.freeze`, e.g. `saliency_networks.*.conv0`) whose
             parameters keep their initial values: not trained and not given to the optimiser (the frozen backbone
             is given, as before this option existed, and never changes: it has no gradient).
+        checkpoint_backbone: keep the frozen backbone's tensors (80 MB) in the training checkpoints. By default they
+            are left out and the backbone is rebuilt from `backbone_weights` on load, checked against the
+            fingerprint the checkpoint records; a backbone that `init_from` supplied is always kept.
         optimizer, lr_scheduler: chosen in YAML (`class_path` + `init_args`); the scheduler steps once per epoch.
         entropy_weight, entropy_mode, entropy_every, entropy_normalise: the entropy regulariser (`deepgaze_lit.loss`).
         feature_cache_mb: memory budget (MiB) of the backbone feature cache (`deepgaze_lit.feature_cache`): the
@@ -72,6 +89,7 @@ class DeepGazeModule(L.LightningModule):
         component: Optional[int] = None,
         downsample: float = DOWNSAMPLE,
         freeze: Optional[list[str]] = None,
+        checkpoint_backbone: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         entropy_weight: float = 0.0,
@@ -100,6 +118,8 @@ class DeepGazeModule(L.LightningModule):
         if channels_last:
             self.model.features.to(memory_format=torch.channels_last)
         self._compiled_head = None
+        self._backbone_from_weights = True  # the backbone is what backbone_weights builds (it can be left out)
+        self._backbone_fingerprint: Optional[str] = None  # of the current backbone, once computed
         if init_from is not None:
             self._initialise_from(init_from, component)
         self._frozen: frozenset[str] = frozenset()
@@ -117,20 +137,39 @@ class DeepGazeModule(L.LightningModule):
         self.evaluation: Optional[Evaluation] = None
 
     def _initialise_from(self, path: str, component: Optional[int]) -> None:
-        """Load the weights of `path` that fit (non-strict) and print the key report."""
+        """Load the weights of `path` that fit (non-strict), print the key report and refuse a file that cannot be a
+        starting point (`checkpoint.check_initialisation`)."""
+        built_backbone = {key: value.clone() for key, value in self.model.state_dict().items()
+                          if key.startswith(BACKBONE_PREFIX)}
         report = self.model.load_weights(path, component=component, strict=False)
-        rank_zero_info(f"init_from {path}: {report}")
-        readout_keys = [key for key in self.model.state_dict() if not key.startswith("features.")]
-        unfilled = report.unfilled()
-        if all(key in unfilled for key in readout_keys):
-            raise CheckpointMismatchError(
-                f"init_from {path} fits no readout parameter of this model (num_components="
-                f"{self.hparams.num_components}, scanpath={self.hparams.scanpath}): it holds another architecture"
-            )
+        rank_zero_info(f"init_from {path}: {report.describe()}")
+        check_initialisation(report, self.hparams.num_components, path)
+        if any(key.startswith(BACKBONE_PREFIX) for key in report.loaded):
+            state = self.model.state_dict()
+            self._backbone_from_weights = all(torch.equal(state[key], value) for key, value in built_backbone.items())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen backbone's tensors out (unless `checkpoint_backbone`, or `init_from` supplied the
+        backbone) and record how to rebuild and recognise it (`checkpoint.BackboneRecord`)."""
+        if self._backbone_fingerprint is None:
+            self._backbone_fingerprint = backbone_fingerprint(self.model.state_dict())
+        record = BackboneRecord(str(self.hparams.backbone_weights), self._backbone_fingerprint,
+                                self._backbone_from_weights)
+        checkpoint[BACKBONE_RECORD] = record.as_dict()
+        if self._backbone_from_weights and not self.hparams.checkpoint_backbone:
+            state = checkpoint["state_dict"]
+            for key in [key for key in state if key.startswith(NETWORK_PREFIX + BACKBONE_PREFIX)]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with one sentence, a checkpoint whose parameters do not match this model's."""
-        report = diff_state_dict(checkpoint["state_dict"], self.state_dict())
+        """Refuse, with one sentence, a checkpoint whose parameters do not match this model's; give a checkpoint
+        saved without the backbone this model's backbone (built from `backbone_weights`) after checking it is the
+        one the checkpoint was trained with."""
+        state = checkpoint["state_dict"]
+        with_backbone = holds_backbone(network_state(state))
+        own_state = self.state_dict()
+        expected = [key for key in own_state if with_backbone or not key.startswith(NETWORK_PREFIX + BACKBONE_PREFIX)]
+        report = diff_state_dict(state, own_state, expected)
         if not report.ok:
             saved = checkpoint.get("hyper_parameters", {})
             raise CheckpointMismatchError(
@@ -140,6 +179,20 @@ class DeepGazeModule(L.LightningModule):
                 f"unexpected and {len(report.mismatched)} differently shaped parameters; use the model settings it "
                 "was trained with"
             )
+        record = BackboneRecord.of(checkpoint)
+        network = self.model.state_dict()
+        self._backbone_fingerprint = None
+        if not with_backbone:
+            if record is None:
+                raise CheckpointMismatchError("the checkpoint holds no backbone and no record of how to rebuild it")
+            record.check(network, "the checkpoint")
+            state.update({NETWORK_PREFIX + key: value for key, value in network.items()
+                          if key.startswith(BACKBONE_PREFIX)})
+            self._backbone_fingerprint = record.fingerprint
+        elif record is not None:
+            self._backbone_from_weights = record.from_weights
+        else:  # a full checkpoint written before the record existed
+            self._backbone_from_weights = backbone_fingerprint(network_state(state)) == backbone_fingerprint(network)
 
     def forward(self, image, centerbias, x_hist=None, y_hist=None) -> torch.Tensor:
         """Log density (B,1,H,W) in nats; see `DeepGazeIII.forward`."""

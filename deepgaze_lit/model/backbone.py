@@ -27,6 +27,8 @@ IMAGENET_WEIGHTS = DenseNet201_Weights.IMAGENET1K_V1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_CHANNELS = 2048
+RANDOM_BACKBONE_SEED = 0
+"""Seed of the random backbone (`backbone_weights='none'`): the same weights whenever it is built."""
 """denselayer32.norm1 (1888, before its ReLU) + denselayer32.conv1 (128) + denselayer31.conv2 (32)."""
 
 _LEGACY_DENSELAYER_KEY = re.compile(
@@ -78,27 +80,44 @@ def read_densenet_state_dict(path: str | Path) -> dict[str, Tensor]:
     return OrderedDict((_LEGACY_DENSELAYER_KEY.sub(r"\1\2.\3", key), value) for key, value in state.items())
 
 
-def _backbone_state_dict(weights: str | Path) -> dict[str, Tensor] | None:
-    """The torchvision state dict for `weights` ('imagenet', 'none' or a .pth path); None for 'none'."""
+def backbone_weights_file(weights: str | Path) -> Path | None:
+    """The file `weights` ('imagenet', 'none' or a .pth path) reads, whether or not it exists; None for 'none'."""
     if weights == "none":
         return None
-    if weights == "imagenet":
-        path = imagenet_weights_path()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"ImageNet weights for DenseNet-201 not found: put the file {path.name} (torchvision "
-                f"DenseNet201_Weights.IMAGENET1K_V1, {IMAGENET_WEIGHTS.url}) into the folder {path.parent} "
-                f"(set TORCH_HOME to use another torch hub folder), or use backbone_weights='none' or a .pth path. "
-                f"Nothing is downloaded at run time."
-            )
-        return read_densenet_state_dict(path)
-    path = Path(weights)
+    return imagenet_weights_path() if weights == "imagenet" else Path(weights)
+
+
+def _backbone_state_dict(weights: str | Path) -> dict[str, Tensor] | None:
+    """The torchvision state dict for `weights` ('imagenet', 'none' or a .pth path); None for 'none'."""
+    path = backbone_weights_file(weights)
+    if path is None:
+        return None
+    if not path.is_file() and weights == "imagenet":
+        raise FileNotFoundError(
+            f"ImageNet weights for DenseNet-201 not found: put the file {path.name} (torchvision "
+            f"DenseNet201_Weights.IMAGENET1K_V1, {IMAGENET_WEIGHTS.url}) into the folder {path.parent} "
+            f"(set TORCH_HOME to use another torch hub folder), or use backbone_weights='none' or a .pth path. "
+            f"Nothing is downloaded at run time."
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"backbone_weights={str(weights)!r}: expected 'imagenet', 'none' or the path of a torchvision "
             f"densenet201 state dict (.pth), but {path} does not exist"
         )
     return read_densenet_state_dict(path)
+
+
+def seeded_initialisation(network: nn.Module, seed: int = RANDOM_BACKBONE_SEED) -> None:
+    """Re-draw `network`'s random weights (convolutions: Kaiming normal, as torchvision's DenseNet; linear layers:
+    PyTorch's default uniform) from a generator seeded with `seed`, leaving the global random state alone: the
+    random backbone (`backbone_weights='none'`) is the same tensors in every process, so a checkpoint need not
+    store it."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, generator=generator)
+        elif isinstance(module, nn.Linear):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
 
 
 class ImageNetNormalization(nn.Module):
@@ -117,14 +136,17 @@ class DenseNetFeatures(nn.Module):
     """Frozen DenseNet-201: (B, 3, h, w) RGB 0..255 -> (B, 2048, ~h/32, ~w/32) features (always eval mode).
 
     `weights`: 'imagenet' (torchvision IMAGENET1K_V1 from the torch hub cache, never downloaded), 'none' (random,
-    for tests and for loading a full checkpoint afterwards) or the path of a torchvision densenet201 `.pth`.
+    drawn from `RANDOM_BACKBONE_SEED`: the same weights every time; for tests, the synthetic quickstart and for
+    loading a full checkpoint afterwards) or the path of a torchvision densenet201 `.pth`.
     """
 
     def __init__(self, weights: str | Path = "imagenet"):
         super().__init__()
         state = _backbone_state_dict(weights)
         network = densenet201(weights=None)
-        if state is not None:
+        if state is None:
+            seeded_initialisation(network)
+        else:
             try:
                 result = network.load_state_dict(state, strict=False)
             except RuntimeError as error:

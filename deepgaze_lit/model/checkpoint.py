@@ -1,12 +1,17 @@
-"""Loading DeepGaze III weights: the released mixture layout and the reference's single-model (one fold) layout.
+"""Loading DeepGaze III weights: the released mixture layout, the reference's single-model (one fold) layout and
+this project's training checkpoints.
 
 Mixture layout (the released `deepgaze3.pth`, and this project's `DeepGazeIII.state_dict()`): `features.` (backbone)
 plus `saliency_networks.N.`, `scanpath_networks.N.`, `fixation_selection_networks.N.`, `finalizers.N.`.
 Single-model layout (one cross-validation fold of the reference): the same without `.N`, with singular prefixes
 `saliency_network.`, `scanpath_network.`, `fixation_selection_network.`, `finalizer.`. Component k of the release
 is fold k's single model.
+Training checkpoint (a Lightning `.ckpt` of `deepgaze fit`): the network's mixture-layout entries under `model.` in
+its `state_dict`, its constructor arguments under `hyper_parameters` and, under `BACKBONE_RECORD`, how its frozen
+backbone is rebuilt (`BackboneRecord`) when the backbone's tensors were left out.
 """
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -16,8 +21,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from deepgaze_lit.model.backbone import backbone_weights_file
 from deepgaze_lit.model.errors import WeightsFileError
 from deepgaze_lit.model.files import load_torch_file
+
+TRAINING_CHECKPOINT = "a deepgaze-lit training checkpoint (a .ckpt file written by `deepgaze fit`)"
+TRAINING_CHECKPOINT_KEYS = ("state_dict", "global_step")
 
 COMPONENT_PREFIXES = {
     "saliency_network": "saliency_networks",
@@ -27,6 +36,10 @@ COMPONENT_PREFIXES = {
 }
 """Single-model prefix -> mixture prefix."""
 BACKBONE_PREFIX = "features."
+NETWORK_PREFIX = "model."
+"""Prefix of the network's entries in a training checkpoint's `state_dict` (the module attribute `model`)."""
+BACKBONE_RECORD = "deepgaze_backbone"
+"""Key of a training checkpoint that holds its `BackboneRecord`."""
 _SINGLE_KEY = re.compile(rf"^({'|'.join(COMPONENT_PREFIXES)})\.(.+)$")
 _MIXTURE_KEY = re.compile(rf"^({'|'.join(COMPONENT_PREFIXES.values())})\.(\d+)\.(.+)$")
 
@@ -50,11 +63,13 @@ class ShapeMismatch:
 @dataclass
 class LoadReport:
     """How a saved state dict fits a model: the expected model keys it lacks (`missing`), its keys the model does
-    not have (`unexpected`) and its keys whose shape differs from the model's (`mismatched`)."""
+    not have (`unexpected`), its keys whose shape differs from the model's (`mismatched`) and the expected model
+    keys it fills (`loaded`)."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[ShapeMismatch] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -64,6 +79,23 @@ class LoadReport:
         """Model keys a load leaves as they were: the missing and the mismatched ones."""
         return set(self.missing) | {mismatch.key for mismatch in self.mismatched}
 
+    @property
+    def fresh(self) -> list[str]:
+        """Model keys a non-strict load leaves at their fresh initialisation: missing, then mismatched."""
+        return self.missing + [mismatch.key for mismatch in self.mismatched if mismatch.key not in self.missing]
+
+    @property
+    def ignored(self) -> list[str]:
+        """Saved keys a non-strict load does not use: unexpected, then mismatched."""
+        return self.unexpected + [mismatch.key for mismatch in self.mismatched]
+
+    def describe(self) -> str:
+        """One line: how many keys were loaded, which were initialised fresh and which were ignored."""
+        parts = [f"{len(self.loaded)} keys loaded"]
+        for name, keys in (("initialised fresh", self.fresh), ("ignored", self.ignored)):
+            parts.append(f"{len(keys)} {name}" + (f" ({_shortened(keys)})" if keys else ""))
+        return ", ".join(parts)
+
     def __str__(self) -> str:
         if self.ok:
             return "all keys loaded"
@@ -71,10 +103,13 @@ class LoadReport:
         for name, entries in (("missing", self.missing), ("unexpected", self.unexpected),
                               ("mismatched", self.mismatched)):
             if entries:
-                more = f", ... ({len(entries) - 8} more)" if len(entries) > 8 else ""
-                shown = ", ".join(map(str, entries[:8])) + more
-                parts.append(f"{len(entries)} {name} keys: {shown}")
+                parts.append(f"{len(entries)} {name} keys: {_shortened(entries)}")
         return "; ".join(parts)
+
+
+def _shortened(entries: list, shown: int = 8) -> str:
+    more = f", ... ({len(entries) - shown} more)" if len(entries) > shown else ""
+    return ", ".join(map(str, entries[:shown])) + more
 
 
 def diff_state_dict(
@@ -82,9 +117,10 @@ def diff_state_dict(
 ) -> LoadReport:
     """Compare a saved state dict with a model's `state_dict()`; `expected`: the model keys the saved one should
     fill (default: all of them). Entries keep the order of `expected` (missing) and of `saved` (the others)."""
-    expected = model_state if expected is None else expected
+    expected = list(model_state if expected is None else expected)
     return LoadReport(
         missing=[key for key in expected if key not in saved],
+        loaded=[key for key in expected if key in saved and saved[key].shape == model_state[key].shape],
         unexpected=[key for key in saved if key not in model_state],
         mismatched=[
             ShapeMismatch(key, tuple(value.shape), tuple(model_state[key].shape))
@@ -95,16 +131,118 @@ def diff_state_dict(
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict (a flat dict of tensors) saved with `torch.save`, loaded with weights_only=True."""
+    """The network state dict in a file (loaded with weights_only=True): a flat dict of tensors saved with
+    `torch.save` (the release, a reference fold, `deepgaze export`), or the network part of a training checkpoint
+    (mixture layout; without `features.` entries when it was saved without the backbone)."""
+    return read_weights(path)[0]
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], "BackboneRecord | None"]:
+    """`read_state_dict` and, for a training checkpoint, its `BackboneRecord` (None for plain state dicts and for
+    training checkpoints written before the record existed)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = load_torch_file(path, "DeepGaze III weights (a state dict saved with torch.save, e.g. deepgaze3.pth)")
+    state = load_torch_file(path, f"DeepGaze III weights (a state dict such as deepgaze3.pth) or {TRAINING_CHECKPOINT}")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        return network_state(state["state_dict"]), BackboneRecord.of(state)
     if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
-        lightning = isinstance(state, dict) and "state_dict" in state
-        hint = " (a Lightning checkpoint? load it with the Lightning module instead)" if lightning else ""
-        raise WeightsFileError(f"{path} is not a DeepGaze III state dict (a flat dict of tensors){hint}")
-    return state
+        raise WeightsFileError(f"{path} is neither a DeepGaze III state dict (a flat dict of tensors) nor "
+                               f"{TRAINING_CHECKPOINT}")
+    return state, None
+
+
+def read_training_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """A training checkpoint (`deepgaze fit`'s `.ckpt`) as a dict, loaded with weights_only=True (tensors
+    memory-mapped with `mmap`); WeightsFileError naming the file when it is something else (unreadable,
+    truncated, a bare tensor, released weights, another kind of dict)."""
+    checkpoint = load_torch_file(path, TRAINING_CHECKPOINT, mmap=mmap)
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in TRAINING_CHECKPOINT_KEYS):
+        if isinstance(checkpoint, dict) and checkpoint and all(isinstance(value, Tensor)
+                                                               for value in checkpoint.values()):
+            raise WeightsFileError(f"{path} holds network weights, not {TRAINING_CHECKPOINT}: for released "
+                                   f"weights such as deepgaze3.pth use --model.init_from {path} (or "
+                                   "DeepGazeIII.from_release) instead")
+        raise WeightsFileError(f"{path} holds a {type(checkpoint).__name__} of other content, not "
+                               f"{TRAINING_CHECKPOINT}")
+    if not isinstance(checkpoint["state_dict"], dict):
+        raise WeightsFileError(f"{path}: its state_dict is not a dict of tensors; expected {TRAINING_CHECKPOINT}")
+    return checkpoint
+
+
+def network_state(module_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The network's entries (mixture layout) of a training checkpoint's `state_dict`."""
+    return {key[len(NETWORK_PREFIX):]: value for key, value in module_state.items() if key.startswith(NETWORK_PREFIX)}
+
+
+def holds_backbone(state: Mapping[str, Tensor]) -> bool:
+    """Whether a network state dict holds backbone (`features.`) entries."""
+    return any(key.startswith(BACKBONE_PREFIX) for key in state)
+
+
+def require_backbone_weights(backbone_weights: str | Path, source: str) -> None:
+    """Raise FileNotFoundError (one line naming the file and the option to set) when the weights file that rebuilds
+    the backbone a checkpoint left out (`source`, for the message) is missing."""
+    path = backbone_weights_file(backbone_weights)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(
+            f"{source} was saved without its frozen backbone, which is rebuilt from backbone_weights="
+            f"{str(backbone_weights)!r}, but the weights file {path} does not exist: put the file there (for "
+            f"'imagenet': into the torch hub folder, see TORCH_HOME) or set model.backbone_weights to the path of "
+            f"the same weights (training with model.checkpoint_backbone true keeps the backbone in checkpoints)"
+        )
+
+
+def saved_backbone(path: str | Path) -> tuple[bool, "BackboneRecord | None"]:
+    """Whether the training checkpoint at `path` holds its backbone's tensors, and its `BackboneRecord` (None when
+    it has none)."""
+    checkpoint = read_training_checkpoint(path, mmap=True)
+    return holds_backbone(network_state(checkpoint["state_dict"])), BackboneRecord.of(checkpoint)
+
+
+def backbone_fingerprint(state: Mapping[str, Tensor]) -> str:
+    """Hex digest (BLAKE2b, 16 bytes) of the backbone entries (`features.` keys) of a network state dict: their
+    names, dtypes, shapes and values. Two backbones with the same fingerprint hold the same tensors."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(key for key in state if key.startswith(BACKBONE_PREFIX)):
+        value = state[key].detach().cpu()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class BackboneRecord:
+    """What a training checkpoint says about its frozen backbone.
+
+    backbone_weights: the `backbone_weights` setting it was trained with; fingerprint: `backbone_fingerprint` of
+    the backbone it was trained with; from_weights: whether that backbone is what `backbone_weights` builds (False
+    when `init_from` supplied it; the checkpoint then always holds it).
+    """
+
+    backbone_weights: str
+    fingerprint: str
+    from_weights: bool
+
+    @classmethod
+    def of(cls, checkpoint: Mapping) -> "BackboneRecord | None":
+        """The record of a training checkpoint dict; None when it has none."""
+        record = checkpoint.get(BACKBONE_RECORD)
+        return None if record is None else cls(**record)
+
+    def as_dict(self) -> dict:
+        return {"backbone_weights": self.backbone_weights, "fingerprint": self.fingerprint,
+                "from_weights": self.from_weights}
+
+    def check(self, model_state: Mapping[str, Tensor], source: str) -> None:
+        """Raise CheckpointMismatchError unless the backbone in `model_state` (a network state dict) is the one this
+        record was written with."""
+        if backbone_fingerprint(model_state) != self.fingerprint:
+            raise CheckpointMismatchError(
+                f"{source} was trained on another frozen backbone than this model's (saved with backbone_weights="
+                f"{self.backbone_weights!r}, fingerprint {self.fingerprint}): set model.backbone_weights to the "
+                f"weights it was trained with"
+            )
 
 
 def is_single_model_layout(state: dict[str, Tensor]) -> bool:
@@ -167,15 +305,21 @@ def load_state(
 def load_weights(
     model: nn.Module, source: str | Path | dict[str, Tensor], component: int | None = None, strict: bool = True
 ) -> LoadReport:
-    """Initialise `model` (a DeepGazeIII) from a mixture or single-model state dict (file or dict).
+    """Initialise `model` (a DeepGazeIII) from a mixture or single-model state dict (file or dict) or from a
+    training checkpoint file.
 
     Mixture layout: loaded as is, or, with `component=k`, only component k into a 1-component model.
-    Single-model layout: loaded into component `component` (default 0 for a 1-component model); the backbone is
-    loaded too when the checkpoint has `features.` keys. Returns the LoadReport; strict raises on any mismatch.
+    Single-model layout: loaded into component `component` (default 0 for a 1-component model).
+    The backbone is loaded when the source has `features.` keys; a training checkpoint saved without them must have
+    been trained on the model's backbone (CheckpointMismatchError otherwise). Returns the LoadReport; strict raises
+    on any mismatch.
     """
     name = str(source) if not isinstance(source, dict) else "state dict"
-    state = source if isinstance(source, dict) else read_state_dict(source)
+    state, record = (source, None) if isinstance(source, dict) else read_weights(source)
+    if record is not None and not holds_backbone(state):
+        record.check(model.state_dict(), name)
     model_keys = list(model.state_dict())
+    backbone_keys = [key for key in model_keys if key.startswith(BACKBONE_PREFIX)] if holds_backbone(state) else []
     if is_single_model_layout(state):
         if component is None:
             if model.num_components != 1:
@@ -186,12 +330,40 @@ def load_weights(
             component = 0
         if not 0 <= component < model.num_components:
             raise ValueError(f"component {component} is outside 0..{model.num_components - 1}")
-        expected = _component_keys(model_keys, component)
-        if any(key.startswith(BACKBONE_PREFIX) for key in state):
-            expected += [key for key in model_keys if key.startswith(BACKBONE_PREFIX)]
+        expected = _component_keys(model_keys, component) + backbone_keys
         return load_state(model, single_model_to_component(state, component), expected, strict, name)
     if component is not None:
         if model.num_components != 1:
             raise ValueError(f"component={component} extracts one component: build the model with num_components=1")
         state = extract_component(state, component)
-    return load_state(model, state, model_keys, strict, name)
+    expected = [key for key in model_keys if not key.startswith(BACKBONE_PREFIX)] + backbone_keys
+    return load_state(model, state, expected, strict, name)
+
+
+def check_initialisation(report: LoadReport, num_components: int, source: str) -> None:
+    """Raise CheckpointMismatchError (one line, with the fix) when a non-strict load (`report`) into a model of
+    `num_components` components cannot be a starting point: saved shapes that differ from the model's, saved
+    components the model lacks or model components nothing was loaded into, or no readout parameter filled.
+    Parameters the source lacks (a spatial model's into a scanpath model: the scanpath networks) keep their
+    fresh initialisation."""
+    readout_loaded = [key for key in report.loaded if not key.startswith(BACKBONE_PREFIX)]
+    if not readout_loaded:
+        raise CheckpointMismatchError(
+            f"init_from {source} fits no readout parameter of this model: it holds another architecture"
+        )
+    if report.mismatched:
+        raise CheckpointMismatchError(
+            f"init_from {source} does not fit this model: {len(report.mismatched)} parameters have other shapes "
+            f"({_shortened(report.mismatched, 3)}); use the model settings it was trained with"
+        )
+    saved_components = {int(m.group(2)) for m in map(_MIXTURE_KEY.match, report.unexpected) if m}
+    loaded_components = {int(m.group(2)) for m in map(_MIXTURE_KEY.match, readout_loaded) if m}
+    extra = sorted(index for index in saved_components if index >= num_components)
+    empty = sorted(set(range(num_components)) - loaded_components)
+    if extra or empty:
+        saved_count = max([*loaded_components, *saved_components]) + 1
+        raise CheckpointMismatchError(
+            f"init_from {source} holds {saved_count} mixture components, this model {num_components}: set "
+            f"model.num_components {saved_count}, or model.num_components 1 with model.component k to start from "
+            f"component k"
+        )

@@ -20,7 +20,19 @@ from torch import Tensor
 
 from deepgaze_lit.batch import HISTORY_LENGTH, missing_history
 from deepgaze_lit.model.backbone import FEATURE_CHANNELS, DenseNetFeatures, check_image_side
-from deepgaze_lit.model.checkpoint import LoadReport, load_weights
+from deepgaze_lit.model.checkpoint import (
+    BACKBONE_PREFIX,
+    BackboneRecord,
+    CheckpointMismatchError,
+    LoadReport,
+    holds_backbone,
+    load_weights,
+    mixture_components,
+    network_state,
+    read_state_dict,
+    read_training_checkpoint,
+    require_backbone_weights,
+)
 from deepgaze_lit.model.errors import ModelConfigError
 from deepgaze_lit.model.grids import DOWNSAMPLE, SALIENCY_MAP_FACTOR, NearestMap, readout_shape
 from deepgaze_lit.model.layers import normalise
@@ -143,13 +155,52 @@ class DeepGazeIII(nn.Module):
 
     @classmethod
     def from_release(cls, path: str | Path, component: int | None = None) -> "DeepGazeIII":
-        """The released model from its state dict file (`deepgaze3.pth` layout), backbone included.
+        """The model of a state dict file in the release's layout (`deepgaze3.pth`, or `deepgaze export`'s output),
+        backbone included.
 
-        component=None: the 10-component scanpath mixture; component=k: a 1-component model holding component k
-        (the fold-k model, to be evaluated on fold k only).
+        component=None: the whole mixture (the release: 10 scanpath components; an exported file: as many
+        components as it holds, with scanpath networks when it has them); component=k: a 1-component model holding
+        component k (the fold-k model, to be evaluated on fold k only). The subsampling factor is not part of the
+        file: the model has the release's `downsample` 2.
         """
-        model = cls(RELEASE_COMPONENTS if component is None else 1, scanpath=True, backbone_weights="none")
-        model.load_weights(path, component=component)
+        state = read_state_dict(path)
+        scanpath = any(key.startswith("scanpath_networks.") for key in state)
+        components = len(mixture_components(state)) or RELEASE_COMPONENTS
+        model = cls(components if component is None else 1, scanpath=scanpath, backbone_weights="none")
+        model.load_weights(state, component=component)
+        return model
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, backbone_weights: str | Path | None = None) -> "DeepGazeIII":
+        """The network of a training checkpoint (`deepgaze fit`'s `.ckpt`), built from its saved hyper-parameters
+        (num_components, scanpath, backbone_weights, downsample); no Lightning and no `init_from` file needed.
+
+        The frozen backbone comes from the checkpoint when it holds it, else it is rebuilt from the saved
+        `backbone_weights` ("none": the seeded random backbone it was trained with; a file: FileNotFoundError naming
+        it when it is missing) or from `backbone_weights` given here (the same weights elsewhere); weights other than
+        those it was trained with raise CheckpointMismatchError.
+        """
+        checkpoint = read_training_checkpoint(path)
+        hparams = checkpoint.get("hyper_parameters", {})
+        state = network_state(checkpoint["state_dict"])
+        record = BackboneRecord.of(checkpoint)
+        if holds_backbone(state):
+            weights = "none"
+        elif record is None:
+            raise CheckpointMismatchError(f"{path} holds no backbone and no record of how to rebuild it")
+        else:
+            weights = record.backbone_weights if backbone_weights is None else str(backbone_weights)
+            require_backbone_weights(weights, str(path))
+        model = cls(
+            num_components=hparams.get("num_components", RELEASE_COMPONENTS),
+            scanpath=hparams.get("scanpath", True),
+            backbone_weights=weights,
+            downsample=hparams.get("downsample", DOWNSAMPLE),
+        )
+        if not holds_backbone(state):
+            record.check(model.state_dict(), str(path))
+            state.update({key: value for key, value in model.state_dict().items() if key.startswith(BACKBONE_PREFIX)})
+        model.load_weights(state)
         return model
 
     def load_weights(self, source: str | Path | dict, component: int | None = None, strict: bool = True) -> LoadReport:
