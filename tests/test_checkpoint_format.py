@@ -158,7 +158,7 @@ def test_export_round_trips_through_from_release(trained_experiment, tmp_path, c
         main(["export", "--ckpt_path", str(checkpoint), "--output", str(output)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"deepgaze export: error: {output} exists: choose another --output or pass --overwrite")
+        f"deepgaze: error: {output} exists: choose another --output or pass --overwrite")
     with pytest.raises(SystemExit):
         main(["export", "--ckpt_path", "last", "--output", str(tmp_path / "x.pth"), "--experiment", "nothing"])
     assert "no last checkpoint of experiment 'nothing'" in capsys.readouterr().err
