@@ -328,6 +328,7 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one_and_no_part
     assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_full_disk_during_fit_is_reported_as_such(tmp_path, capsys, monkeypatch):
     def no_space(obj, stream, *args, **kwargs):
         stream.write(b"partial")
