@@ -1,5 +1,5 @@
 """SaliencyDataModule and the torch datasets: batch contents, history modes, targets, splits, synthetic data,
-prediction images, fingerprints and the setup summary."""
+fingerprints and the setup summary."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from deepgaze_lit.batch import MIN_IMAGE_SIDE
 from deepgaze_lit.data import (BaselineCenterbias, DataError, FixationSamples, SaliencyDataModule, make_synthetic,
                                read_mit1003)
 from deepgaze_lit.data.centerbias import UniformCenterbias
@@ -158,42 +157,6 @@ def test_fingerprint_depends_on_images_and_resize_policy():
     assert first != SaliencyDataModule(**SMALL).data_fingerprint("validate")
     assert first != SaliencyDataModule(resize="max_side", max_side=48, **SMALL).data_fingerprint("fit")
     assert first != SaliencyDataModule(**{**SMALL, "synthetic_seed": 1}).data_fingerprint("fit")
-
-
-def test_predict_loader(tmp_path):
-    folder = tmp_path / "predict"
-    folder.mkdir()
-    Image.fromarray(np.zeros((70, 90), np.uint8)).save(folder / "b10.png")
-    Image.fromarray(np.zeros((200, 128, 3), np.uint8)).save(folder / "b2.jpg")
-    (folder / "notes.txt").write_text("not an image")
-    data = SaliencyDataModule(centerbias="uniform", predict_dir=str(folder), resize="max_side", max_side=128)
-    data.setup("predict")
-    batches = _batches(data.predict_dataloader())
-    assert [batch["path"] for batch in batches] == [[str(folder / "b2.jpg")], [str(folder / "b10.png")]]
-    first, second = batches
-    assert first["image"].shape == (1, 3, 128, 82) and second["image"].shape == (1, 3, 70, 90)
-    assert first["original_shape"].tolist() == [[200, 128]]
-    assert first["centerbias"].shape == (1, 128, 82) and first["x_hist"][0, 0] == 41
-    assert torch.isnan(first["x_hist"][0, 1:]).all()
-    Image.fromarray(np.zeros((40, 90, 3), np.uint8)).save(folder / "small.png")
-    with pytest.raises(DataError, match="small.png: image is 40x90 pixels"):
-        _batches(SaliencyDataModule(centerbias="uniform", predict_dir=str(folder)).predict_dataloader())
-    with pytest.raises(DataError, match="prediction folder not found"):
-        SaliencyDataModule(centerbias="uniform", predict_dir=str(tmp_path / "none")).setup("predict")
-
-
-def test_predict_accepts_the_sizes_the_network_accepts(tmp_path):
-    """58 px (the network's minimum, see test_model) is predicted; 57 px is refused with the file named."""
-    assert MIN_IMAGE_SIDE == 58
-    folder = tmp_path / "predict"
-    folder.mkdir()
-    Image.fromarray(np.zeros((58, 90, 3), np.uint8)).save(folder / "a.png")
-    data = SaliencyDataModule(centerbias="uniform", predict_dir=str(folder))
-    data.setup("predict")
-    assert _batches(data.predict_dataloader())[0]["image"].shape == (1, 3, 58, 90)
-    Image.fromarray(np.zeros((90, 57, 3), np.uint8)).save(folder / "b.png")
-    with pytest.raises(DataError, match=r"b.png: image is 90x57 pixels .* expected both sides >= 58"):
-        _batches(data.predict_dataloader())
 
 
 def test_missing_paths_fail_with_the_path(tmp_path):
