@@ -196,9 +196,10 @@ class DeepGazeCLI(LightningCLI):
 
     def predict(self, model: DeepGazeModule, datamodule: SaliencyDataModule, ckpt_path: Optional[str] = None,
                 **trainer_predict_arguments: Any) -> None:
-        """`deepgaze predict`: the weights of `ckpt_path` (or of `model.init_from`), `--input` predicted into
-        `--formats` below `--output_dir` (`deepgaze_lit.predict.run_prediction`) on the Trainer's one device.
-        Lightning's other predict arguments (dataloaders, return_predictions) do not apply."""
+        """`deepgaze predict`: the network of `ckpt_path` (rebuilt from the checkpoint's own model settings), or
+        `model` with `model.init_from`'s weights, predicts `--input` into `--formats` below `--output_dir`
+        (`deepgaze_lit.predict.run_prediction`) on the Trainer's one device. Lightning's other predict arguments
+        (dataloaders, return_predictions) do not apply."""
         config = self.config[self.subcommand]
         if config.input is None:
             raise UsageError("predict needs --input: an image file or a folder of images")
@@ -207,9 +208,11 @@ class DeepGazeCLI(LightningCLI):
                              "experiment) or --model.init_from (released weights such as deepgaze3.pth)")
         if self.trainer.num_devices != 1:
             raise UsageError("predict runs on one device: use --trainer.devices 1")
-        trained_settings = None if ckpt_path is None else load_training_checkpoint(model, ckpt_path)
+        network, trained_settings = model.model, None
+        if ckpt_path is not None:
+            network, trained_settings = load_training_checkpoint(ckpt_path)
         output_dir = config.output_dir or self.experiment.predictions
-        run_prediction(model.model, datamodule, config.input, output_dir, list(config.formats), config.overwrite,
+        run_prediction(network, datamodule, config.input, output_dir, list(config.formats), config.overwrite,
                        self.trainer.strategy.root_device, trained_settings, config.keep_extension)
 
     def after_fit(self) -> None:

@@ -28,6 +28,7 @@ from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.resize import TWO_SIZES_LANDSCAPE, TWO_SIZES_PORTRAIT, ResizePolicy, target_shape
 from deepgaze_lit.inference import DensityPredictor
 from deepgaze_lit.model import DeepGazeIII
+from deepgaze_lit.module import DeepGazeModule
 from deepgaze_lit.output import PredictionJob, WriteSummary, make_writers
 
 DEFAULT_RESIZE = inspect.signature(SaliencyDataModule).parameters["resize"].default
@@ -101,13 +102,14 @@ def choose_centerbias(data: SaliencyDataModule) -> CenterbiasChoice:
     return CenterbiasChoice(data.centerbias_model(), settings.centerbias, source)
 
 
-def load_training_checkpoint(module: torch.nn.Module, path: str | Path) -> Optional[dict]:
-    """Load a `deepgaze fit` checkpoint's weights into the LightningModule `module` (its architecture check
-    `on_load_checkpoint` first); return the data settings it was trained with, None when it records none."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])
-    return checkpoint.get(CHECKPOINT_DATA_KEY)
+def load_training_checkpoint(path: str | Path) -> tuple[DeepGazeIII, Optional[dict]]:
+    """The network of a `deepgaze fit` checkpoint, rebuilt from the model settings saved in it (so no config is
+    needed; the checkpoint supplies every weight, the backbone's included), and the data settings it was trained
+    with (None when it records none)."""
+    module = DeepGazeModule.load_from_checkpoint(path, map_location="cpu", weights_only=True,
+                                                 backbone_weights="none", init_from=None)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return module.model, checkpoint.get(CHECKPOINT_DATA_KEY)
 
 
 def run_prediction(network: DeepGazeIII, data: SaliencyDataModule, source: str | Path, output_dir: str | Path,

@@ -22,6 +22,7 @@ TREE = {  # relative path -> (height, width, Pillow mode)
     "x.png": (64, 64, "RGBA"),
 }
 TINY_MODEL = ["--model.num_components", "2", "--model.backbone_weights", "none", "--trainer.accelerator", "cpu"]
+"""Model settings of the tiny experiment, for runs with released-layout weights (a checkpoint brings its own)."""
 
 
 def write_tree(root, broken=False):
@@ -53,8 +54,9 @@ def test_predict_without_config_uses_no_synthetic_data_and_the_trained_input_siz
         trained_experiment, tmp_path, no_synthetic_data, caplog):
     images = write_tree(tmp_path / "images", broken=True)
     output_dir = tmp_path / "out"
-    args = ["predict", "--ckpt_path", str(trained_experiment.checkpoints / "best.ckpt"), *TINY_MODEL,
-            "--input", str(images), "--output_dir", str(output_dir), "--formats", "[npy,hdf5,saliency,overlay]"]
+    # no config, no model settings: the 2-component network comes from the checkpoint's own settings
+    args = ["predict", "--ckpt_path", str(trained_experiment.checkpoints / "best.ckpt"), "--trainer.accelerator",
+            "cpu", "--input", str(images), "--output_dir", str(output_dir), "--formats", "[npy,hdf5,saliency,overlay]"]
     printed = run_cli(args, tmp_path)
     assert "centre bias uniform (no dataset configured (data.source synthetic), so no KDE is fitted" in printed
     assert "input size native (each image at its own size), as the checkpoint was trained" in printed
@@ -82,7 +84,7 @@ def test_predict_without_config_uses_no_synthetic_data_and_the_trained_input_siz
 def test_predict_input_size_follows_the_configuration_over_the_checkpoint(trained_experiment, tmp_path,
                                                                           no_synthetic_data):
     images = write_tree(tmp_path / "images")
-    printed = run_cli(["predict", "--ckpt_path", str(trained_experiment.checkpoints / "best.ckpt"), *TINY_MODEL,
+    printed = run_cli(["predict", "--ckpt_path", str(trained_experiment.checkpoints / "best.ckpt"),
                        "--data.resize", "max_side", "--data.max_side", "96", "--input", str(images / "a" / "x.jpg"),
                        "--output_dir", str(tmp_path / "out"), "--formats", "[npy]"], tmp_path)
     assert "input size max_side (longer side at most 96 pixels), as configured (data.resize)" in printed
