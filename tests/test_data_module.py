@@ -194,3 +194,26 @@ def test_loaders_take_rank_and_world_size_from_the_trainer(world_size):
         assert train.batch_sampler.epoch == 3
         train_counts.add(len(_batches(train)))
     assert sorted(seen) == list(range(5)) and len(train_counts) == 1
+
+
+def test_split_info_names_its_images_and_records_the_data_settings(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(6):
+        Image.fromarray(np.full((64, 80, 3), index * 30, np.uint8)).save(images / f"img{index}.png")
+    (tmp_path / "fix.csv").write_text("image,x,y\n" + "".join(f"img{index}.png,{10 + index},20\n"
+                                                              for index in range(6)))
+    template = tmp_path / "centre.npy"
+    np.save(template, np.zeros((8, 8)))
+    data = SaliencyDataModule(source="csv", path=str(images), csv_path=str(tmp_path / "fix.csv"), split="crossval",
+                              folds=3, fold=1, resize="max_side", max_side=40, centerbias="template",
+                              centerbias_template=str(template), batch_size=2, image_cache_mb=0)
+    info = data.split_info("test")
+    assert len(info.image_names) == info.num_images == 2 and len(info.image_ids) == 2
+    assert all(name == str(images / f"img{index}.png") for name, index in zip(info.image_names, info.image_ids))
+    provenance = info.provenance
+    assert provenance["source"] == "csv" and provenance["path"] == str(images.resolve())
+    assert provenance["csv_path"] == str((tmp_path / "fix.csv").resolve())
+    assert provenance["split"] == {"name": "test", "kind": "crossval", "images": 2, "fold": 1, "folds": 3}
+    assert provenance["resize"] == {"policy": "max_side", "max_side": 40, "sizes": [[32, 40]]}
+    assert provenance["centerbias"] == {"kind": "template", "template": str(template.resolve())}

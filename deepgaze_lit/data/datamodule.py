@@ -221,7 +221,7 @@ class SaliencyDataModule(pl.LightningDataModule):
 
     def provenance(self, stage: str) -> dict:
         """The data settings behind the split of `stage`, as reports record them: `source` and its reader's
-        settings (`path`, `csv_path`, synthetic seed and sizes, ...), `split` (name, kind, fold and folds or
+        settings (`path`, `csv_path` as absolute paths, synthetic seed and sizes, ...), `split` (name, kind, fold and folds or
         holdout seed and sizes, number of images), `resize` (policy, max_side, the (H, W) input sizes of the
         split's images), `centerbias` (kind and its parameters), `history` and `targets`."""
         hp = self.hparams
@@ -238,6 +238,9 @@ class SaliencyDataModule(pl.LightningDataModule):
             centerbias["template"] = str(Path(hp.centerbias_template).resolve())
         settings = dataclasses.asdict(self._source_settings())
         settings["synthetic_sizes"] = [list(size) for size in settings["synthetic_sizes"]]
+        for key in ("path", "csv_path"):
+            if settings[key] is not None:
+                settings[key] = str(Path(settings[key]).resolve())
         return {
             "source": hp.source,
             **settings,
