@@ -76,14 +76,3 @@ class Batch(NetworkInputs):
     fix_y: Tensor
     weight: Tensor
     image_index: Tensor
-
-
-class PredictBatch(NetworkInputs):
-    """A prediction batch (one image per batch from the DataModule, any size; x_hist, y_hist: the central history).
-
-    path: list of B source files.
-    original_shape: (B,2) int64 (H, W) of the files before any resize policy.
-    """
-
-    path: list[str]
-    original_shape: Tensor

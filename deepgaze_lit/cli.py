@@ -3,15 +3,16 @@
     deepgaze fit --config configs/quickstart.yaml
     deepgaze fit --config configs/baseline.yaml --ckpt_path last          # resume (or start when nothing to resume)
     deepgaze validate --config configs/baseline.yaml --ckpt_path best     # evaluate best.ckpt, write a report
-    deepgaze predict --config configs/baseline.yaml --ckpt_path best --data.predict_dir images/
+    deepgaze predict --config configs/baseline.yaml --ckpt_path best --input images/ --formats [npy,hdf5]
     deepgaze export --experiment baseline --ckpt_path best --output model.pth   # release layout (deepgaze_lit.export)
 
 Every run of an experiment shares one folder `<experiments_root>/<experiment>/` (see `deepgaze_lit.experiment`);
-the checkpoint callbacks, TensorBoard logger, learning-rate monitor, validation image panel and prediction writer
-are added here, in code, so that configs stay short and checkpoint folders cannot diverge. `fit` also gets the
+the checkpoint callbacks, TensorBoard and CSV loggers, learning-rate monitor and validation image panel are added
+here, in code, so that configs stay short and checkpoint folders cannot diverge. `fit` also gets the
 preemption and non-finite-loss callbacks of `deepgaze_lit.resilience`; `--ckpt_path last` resumes the experiment's
 newest checkpoint, and `fit` without `--ckpt_path` into an experiment with checkpoints starts a new run, keeping
-the earlier run's checkpoints in `checkpoints.<n>/`.
+the earlier run's checkpoints in `checkpoints.<n>/`. `predict` runs the plain prediction loop of
+`deepgaze_lit.predict` on the Trainer's one device.
 
 Whatever goes wrong ends with one line `deepgaze: error: ...` and an exit status (`deepgaze_lit.failures`): the
 folders a command writes, the checkpoint it is given and the data settings are checked before any work.
@@ -22,11 +23,12 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -45,8 +47,9 @@ from deepgaze_lit.model.checkpoint import (CheckpointMismatchError, read_trainin
                                            saved_backbone)
 from deepgaze_lit.model.errors import ModelConfigError, WeightsFileError
 from deepgaze_lit.module import DeepGazeModule
+from deepgaze_lit.output import OUTPUT_FORMATS
 from deepgaze_lit.output.names import InputImage, check_output_location, list_input_images
-from deepgaze_lit.predict import PredictionWriter
+from deepgaze_lit.predict import load_training_checkpoint, run_prediction
 from deepgaze_lit.resilience import (SIGNAL_EXIT_BASE, FiniteLossGuard, NonFiniteLossError, PreemptionCheckpoint,
                                      StopSignals, Stopped, signal_name)
 
@@ -90,12 +93,12 @@ class OutputFolder:
         return self.destination / image.relative
 
 
-def check_prediction_folders(predict_dir: Optional[str], output_dir: Path) -> None:
+def check_prediction_folders(source: Optional[str], output_dir: Path) -> None:
     """Before predicting: the inputs exist and are listable without name clashes, the outputs cannot land on them
     (an output folder equal to or inside the input folder is refused) and the output folder can be written."""
-    if predict_dir is None:
-        raise DataError("no data.predict_dir given; expected a folder of images to predict")
-    check_output_location(predict_dir, list_input_images(predict_dir), [OutputFolder(output_dir)])
+    if source is None:
+        raise UsageError("deepgaze predict needs --input: an image file or a folder of images")
+    check_output_location(source, list_input_images(source), [OutputFolder(output_dir)])
     require_writable_folder(output_dir, "--output_dir")
 
 
@@ -126,9 +129,26 @@ class DeepGazeCLI(LightningCLI):
         )
         parser.add_argument("--experiments_root", type=str, default="experiments", help="Folder of all experiments.")
         parser.add_argument(
+            "--input", type=Optional[str], default=None,
+            help="predict only: an image file, or a folder of images (subfolders walked and mirrored in the output).",
+        )
+        parser.add_argument(
             "--output_dir", type=Optional[str], default=None,
-            help="predict only: folder for the .npy log densities and .png overlays "
+            help="predict only: output folder, one sub-folder (or file) per format "
             "(default <experiments_root>/<experiment>/predictions).",
+        )
+        parser.add_argument(
+            "--formats", type=list[Literal[OUTPUT_FORMATS]], default=["npy", "overlay"],
+            help="predict only: output formats, one or more of npy (log density, float32, nats), hdf5 (one file in "
+            "pysaliency's export_model_to_hdf5 layout), saliency (8-bit maps named like the images), overlay "
+            "(heat-map PNGs); e.g. --formats [npy,hdf5].",
+        )
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="predict only: predict again images whose outputs exist (default: keep them).")
+        parser.add_argument(
+            "--keep_extension", type=bool, default=False,
+            help="predict only: saliency maps keep each input's file name and format (benchmark submissions) "
+            "instead of <stem>.png.",
         )
         parser.link_arguments("model.downsample", "data.min_image_side", compute_fn=minimum_side_for_downsample)
 
@@ -188,7 +208,7 @@ class DeepGazeCLI(LightningCLI):
         if fixes:
             raise UsageError("no GPU found: run with " + " ".join(fixes))
         if self.subcommand == "predict":
-            check_prediction_folders(config.data.predict_dir, Path(config.output_dir or self.experiment.predictions))
+            check_prediction_folders(config.input, Path(config.output_dir or self.experiment.predictions))
         else:
             require_writable_folder(self.experiment.path, "--experiments_root/--experiment")
         if self.subcommand == "fit":
@@ -218,7 +238,8 @@ class DeepGazeCLI(LightningCLI):
         if self.subcommand == "predict" and logger is None:
             logger = False
         elif logger in (None, True):
-            logger = experiment.tensorboard_logger()
+            tensorboard = experiment.tensorboard_logger()
+            logger = [tensorboard, CSVLogger(tensorboard.save_dir, tensorboard.name, tensorboard.version)]
         if self.subcommand == "fit":
             last = str(experiment.checkpoints.last)
             callbacks += [PreemptionCheckpoint(last, self.stop_signals), FiniteLossGuard(last)]
@@ -229,9 +250,6 @@ class DeepGazeCLI(LightningCLI):
                 callbacks.append(LearningRateMonitor(logging_interval="epoch"))
             if self.subcommand in ("fit", "validate"):
                 callbacks.append(ValidationPanel())
-        if self.subcommand == "predict":
-            output_dir = self.config[self.subcommand].output_dir or experiment.predictions
-            callbacks.append(PredictionWriter(str(output_dir)))
         plugins = list(trainer_config.get("plugins") or [])
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
@@ -239,6 +257,27 @@ class DeepGazeCLI(LightningCLI):
         if trainer_config.get("default_root_dir") is None:
             kwargs["default_root_dir"] = str(experiment.path)
         return super().instantiate_trainer(**kwargs)
+
+    def predict(self, model: DeepGazeModule, datamodule: SaliencyDataModule, ckpt_path: Optional[str] = None,
+                **trainer_predict_arguments: Any) -> None:
+        """`deepgaze predict`: the network of `ckpt_path` (rebuilt from the checkpoint's own model settings), or
+        `model` with `model.init_from`'s weights, predicts `--input` into `--formats` below `--output_dir`
+        (`deepgaze_lit.predict.run_prediction`) on the Trainer's one device. Lightning's other predict arguments
+        (dataloaders, return_predictions) do not apply."""
+        config = self.config[self.subcommand]
+        if config.input is None:
+            raise UsageError("predict needs --input: an image file or a folder of images")
+        if ckpt_path is None and config.model.init_from is None:
+            raise UsageError("predict needs weights: --ckpt_path (a training checkpoint, or best / last of the "
+                             "experiment) or --model.init_from (released weights such as deepgaze3.pth)")
+        if self.trainer.num_devices != 1:
+            raise UsageError("predict runs on one device: use --trainer.devices 1")
+        network, trained_settings = model.model, None
+        if ckpt_path is not None:
+            network, trained_settings = load_training_checkpoint(ckpt_path)
+        output_dir = config.output_dir or self.experiment.predictions
+        run_prediction(network, datamodule, config.input, output_dir, list(config.formats), config.overwrite,
+                       self.trainer.strategy.root_device, trained_settings, config.keep_extension)
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:

@@ -72,7 +72,7 @@ def predict_log_density(
     log_centerbias = torch.from_numpy(centerbias.log_density(shape).astype(np.float32))[None]
     with torch.no_grad():
         output = network(pixels.to(device), log_centerbias.to(device),
-                         torch.from_numpy(xs)[None].to(device), torch.from_numpy(ys)[None].to(device))
+                         xs[None].to(device), ys[None].to(device))
     log_density = output[0, 0].double().cpu().numpy()
     log_density = np.maximum(np.nan_to_num(log_density, nan=LOG_DENSITY_FLOOR, neginf=LOG_DENSITY_FLOOR),
                              LOG_DENSITY_FLOOR)

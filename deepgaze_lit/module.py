@@ -17,6 +17,8 @@ from deepgaze_lit.data.split_info import SplitInfo
 from deepgaze_lit.feature_cache import CachedBackbone, FeatureCache
 from deepgaze_lit.loss import fixation_log_likelihood_bits, regulariser_entropy, weighted_nll_bits
 from deepgaze_lit.metrics.evaluation import Evaluation, evaluation_scalars, write_evaluation_report
+from deepgaze_lit.metrics.per_image import PER_IMAGE_FILE_NAME
+from deepgaze_lit.metrics.provenance import build_provenance
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
 from deepgaze_lit.model.checkpoint import (
     BACKBONE_PREFIX,
@@ -290,7 +292,7 @@ class DeepGazeModule(L.LightningModule):
         self.log("finalizer/sigma", sigma)
         self.log("finalizer/center_bias_weight", weight)
 
-    # ---- validation, test and prediction --------------------------------------------------------------------
+    # ---- validation and test --------------------------------------------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._evaluation_step(batch, "validate")
@@ -304,11 +306,6 @@ class DeepGazeModule(L.LightningModule):
         log_density = block.full().float()
         self.evaluation.update(batch, log_density, ll_bits, counts)
         return {"log_density": log_density}
-
-    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Log density (B,1,H,W) in nats of a predict batch (image, centerbias, dummy history), at the network
-        input size; `PredictionWriter` writes it."""
-        return self.model(batch["image"], batch["centerbias"], batch["x_hist"], batch["y_hist"]).float()
 
     def on_validation_epoch_start(self) -> None:
         self.evaluation.reset()
@@ -325,11 +322,19 @@ class DeepGazeModule(L.LightningModule):
     def _finish_evaluation(self, split: str) -> None:
         """Log `<split>/<scalar>` (`metrics.evaluation_scalars`); the reference results are kept after a complete
         pass (not Lightning's sanity check). After `deepgaze validate|test` (not during fit), rank 0 writes the
-        report into the logger's run folder and prints its table."""
+        report (`metrics.json` with its provenance, `metrics.txt`, `metrics_per_image.csv`) into the logger's run
+        folder and prints its table."""
         results, loss = self.evaluation.compute(complete=not self.trainer.sanity_checking)
         for name, value in evaluation_scalars(results, loss).items():
             self.log(f"{split}/{name}", value, prog_bar=name in ("loss", "ig"))
-        if self.trainer.state.fn != TrainerFn.FITTING and self.loggers and self.trainer.is_global_zero:
-            table = write_evaluation_report(self.trainer.log_dir, results)
-            rank_zero_info(f"{split} report written to {self.trainer.log_dir}/metrics.json and metrics.txt:\n"
-                           + table)
+        if self.trainer.state.fn == TrainerFn.FITTING or not self.loggers:
+            return
+        evaluated = self._splits[SETUP_SPLITS[self.trainer.state.fn.value][-1]]
+        rows = self.evaluation.per_image_rows(evaluated.image_names, evaluated.image_ids)  # collective: every rank
+        if self.trainer.is_global_zero:
+            checkpoint = self.trainer.ckpt_path
+            provenance = build_provenance(checkpoint, evaluated.provenance,
+                                          weights=None if checkpoint else self.hparams.init_from)
+            table = write_evaluation_report(self.trainer.log_dir, results, provenance, rows)
+            rank_zero_info(f"{split} report written to {self.trainer.log_dir}/metrics.json, metrics.txt and "
+                           f"{PER_IMAGE_FILE_NAME}:\n" + table)

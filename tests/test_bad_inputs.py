@@ -274,7 +274,7 @@ def photos(folder: Path, names=("one.png", "two.jpg")) -> Path:
 def test_predict_output_in_the_input_folder_is_refused(tmp_path, capsys, output):
     inputs = photos(tmp_path / "photos")
     output_dir = inputs / output
-    message = fails(["predict", "--config", config(tmp_path), "--data.predict_dir", str(inputs),
+    message = fails(["predict", "--config", config(tmp_path), "--input", str(inputs),
                      "--output_dir", str(output_dir)], tmp_path, capsys)
     assert "output inside the input folder" in message
     assert sorted(path.name for path in inputs.iterdir()) == ["one.png", "two.jpg"], "nothing was created there"
@@ -283,7 +283,7 @@ def test_predict_output_in_the_input_folder_is_refused(tmp_path, capsys, output)
 def test_predict_output_folder_under_a_file(tmp_path, capsys):
     inputs = photos(tmp_path / "photos")
     (tmp_path / "notes.txt").write_text("user data")
-    message = fails(["predict", "--config", config(tmp_path), "--data.predict_dir", str(inputs),
+    message = fails(["predict", "--config", config(tmp_path), "--input", str(inputs),
                      "--output_dir", str(tmp_path / "notes.txt" / "out")], tmp_path, capsys)
     assert "under a regular file" in message
 
@@ -291,7 +291,7 @@ def test_predict_output_folder_under_a_file(tmp_path, capsys):
 def test_predict_inputs_whose_outputs_would_share_a_name_are_refused_before_writing(tmp_path, capsys):
     inputs = photos(tmp_path / "photos", names=("x.png", "x.jpg", "y.png"))
     output_dir = tmp_path / "out"
-    message = fails(["predict", "--config", config(tmp_path), "--data.predict_dir", str(inputs),
+    message = fails(["predict", "--config", config(tmp_path), "--input", str(inputs),
                      "--output_dir", str(output_dir)], tmp_path, capsys)
     assert "x.png" in message and "x.jpg" in message
     assert not output_dir.exists() or not list(output_dir.iterdir())

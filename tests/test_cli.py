@@ -1,6 +1,8 @@
-"""`deepgaze` end to end on CPU: fit writes the experiment's checkpoints and TensorBoard logs and learns;
-validate/test report; resume; every shipped config parses; user errors are one clear line."""
+"""`deepgaze` end to end on CPU: fit writes the experiment's checkpoints, TensorBoard and CSV logs and learns;
+validate/test report (metrics.json with provenance, per-image CSV); resume; every shipped config parses; user
+errors are one clear line."""
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -11,8 +13,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import (IG_LINE, REPOSITORY, TINY_BATCH_SIZE, TINY_EPOCHS, TINY_TRAIN_IMAGES, run_cli, tiny_config,
                       write_config)
+from deepgaze_lit import __version__
 from deepgaze_lit.cli import main
 from deepgaze_lit.experiment import CheckpointFolder, checkpoint_global_step
+from deepgaze_lit.metrics.provenance import file_sha256
 from deepgaze_lit.model.checkpoint import CheckpointMismatchError
 from deepgaze_lit.module import DeepGazeModule
 
@@ -51,6 +55,15 @@ def test_fit_logs_scalars_and_a_validation_panel_every_epoch(trained_experiment)
     assert [event.value for event in accumulator.Scalars("lr-Adam")] == pytest.approx([0.02] * TINY_EPOCHS)
 
 
+def test_fit_writes_its_history_as_csv_beside_tensorboard(trained_experiment):
+    with open(trained_experiment.directory / "logs" / "version_0" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    epoch_losses = [float(row["train/loss_epoch"]) for row in rows if row["train/loss_epoch"]]
+    accumulator = events(trained_experiment.directory / "logs" / "version_0")
+    assert epoch_losses == pytest.approx([event.value for event in accumulator.Scalars("train/loss_epoch")])
+    assert len([row for row in rows if row["val/ig"]]) == TINY_EPOCHS
+
+
 def test_fit_lowers_the_loss_and_ends_with_the_information_gain_line(trained_experiment):
     accumulator = events(trained_experiment.directory / "logs" / "version_0")
     losses = [event.value for event in accumulator.Scalars("train/loss_epoch")]
@@ -84,8 +97,24 @@ def test_validate_and_test_from_the_checkpoint_write_a_report(trained_experiment
     )
     run_dir = tmp_path / "experiments" / f"tiny-{subcommand}" / "logs" / "version_0"
     report = json.loads((run_dir / "metrics.json").read_text())
-    assert set(report) == {"model", "centerbias", "gold", "explained_information_gain"}
+    assert set(report) == {"model", "centerbias", "gold", "explained_information_gain", "provenance"}
     assert report["model"]["n_images"] == 4 and report["gold"]["ig_centerbias_bits_image"] > 0
+    provenance = report["provenance"]
+    assert provenance["checkpoint"] == {"path": str(checkpoint.resolve()), "sha256": file_sha256(checkpoint)}
+    assert provenance["package_version"] == __version__ and provenance["weights"] is None
+    data = provenance["data"]
+    assert data["source"] == "synthetic" and data["synthetic_images"] == 12
+    assert data["split"] == {"name": "val" if subcommand == "validate" else "test", "kind": "holdout", "images": 4,
+                             "seed": 42, "val_images": 4, "test_images": 0}
+    assert data["resize"] == {"policy": "native", "max_side": None, "sizes": [[128, 192]]}
+    assert data["centerbias"]["kind"] == "kde" and data["centerbias"]["fitted_on"] == "train"
+    with open(run_dir / "metrics_per_image.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 4 and sum(int(row["fixations"]) for row in rows) == report["model"]["n_fixations"]
+    assert len({row["image"] for row in rows}) == 4
+    for metric in ("ll_nats", "ig_uniform_bits", "ig_centerbias_bits", "nss", "auc", "sauc", "cc", "kldiv", "sim"):
+        column = [float(row[metric]) for row in rows]
+        assert sum(column) / len(column) == pytest.approx(report["model"][f"{metric}_image"], rel=1e-9, abs=1e-12)
     assert "centre bias" in (run_dir / "metrics.txt").read_text()
     scalars = set(events(run_dir).Tags()["scalars"])
     prefix = "val" if subcommand == "validate" else "test"

@@ -1,5 +1,5 @@
 """SaliencyDataModule and the torch datasets: batch contents, history modes, targets, splits, synthetic data,
-prediction images, fingerprints and the setup summary."""
+fingerprints and the setup summary."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from deepgaze_lit.batch import MIN_IMAGE_SIDE
 from deepgaze_lit.data import (BaselineCenterbias, DataError, FixationSamples, SaliencyDataModule, make_synthetic,
                                read_mit1003)
 from deepgaze_lit.data.centerbias import UniformCenterbias
@@ -160,42 +159,6 @@ def test_fingerprint_depends_on_images_and_resize_policy():
     assert first != SaliencyDataModule(**{**SMALL, "synthetic_seed": 1}).data_fingerprint("fit")
 
 
-def test_predict_loader(tmp_path):
-    folder = tmp_path / "predict"
-    folder.mkdir()
-    Image.fromarray(np.zeros((70, 90), np.uint8)).save(folder / "b10.png")
-    Image.fromarray(np.zeros((200, 128, 3), np.uint8)).save(folder / "b2.jpg")
-    (folder / "notes.txt").write_text("not an image")
-    data = SaliencyDataModule(centerbias="uniform", predict_dir=str(folder), resize="max_side", max_side=128)
-    data.setup("predict")
-    batches = _batches(data.predict_dataloader())
-    assert [batch["path"] for batch in batches] == [[str(folder / "b2.jpg")], [str(folder / "b10.png")]]
-    first, second = batches
-    assert first["image"].shape == (1, 3, 128, 82) and second["image"].shape == (1, 3, 70, 90)
-    assert first["original_shape"].tolist() == [[200, 128]]
-    assert first["centerbias"].shape == (1, 128, 82) and first["x_hist"][0, 0] == 41
-    assert torch.isnan(first["x_hist"][0, 1:]).all()
-    Image.fromarray(np.zeros((40, 90, 3), np.uint8)).save(folder / "small.png")
-    with pytest.raises(DataError, match="small.png: image is 40x90 pixels"):
-        _batches(SaliencyDataModule(centerbias="uniform", predict_dir=str(folder)).predict_dataloader())
-    with pytest.raises(DataError, match="prediction folder not found"):
-        SaliencyDataModule(centerbias="uniform", predict_dir=str(tmp_path / "none")).setup("predict")
-
-
-def test_predict_accepts_the_sizes_the_network_accepts(tmp_path):
-    """58 px (the network's minimum, see test_model) is predicted; 57 px is refused with the file named."""
-    assert MIN_IMAGE_SIDE == 58
-    folder = tmp_path / "predict"
-    folder.mkdir()
-    Image.fromarray(np.zeros((58, 90, 3), np.uint8)).save(folder / "a.png")
-    data = SaliencyDataModule(centerbias="uniform", predict_dir=str(folder))
-    data.setup("predict")
-    assert _batches(data.predict_dataloader())[0]["image"].shape == (1, 3, 58, 90)
-    Image.fromarray(np.zeros((90, 57, 3), np.uint8)).save(folder / "b.png")
-    with pytest.raises(DataError, match=r"b.png: image is 90x57 pixels .* expected both sides >= 58"):
-        _batches(data.predict_dataloader())
-
-
 def test_missing_paths_fail_with_the_path(tmp_path):
     with pytest.raises(DataError, match="dataset folder not found"):
         SaliencyDataModule(source="pysaliency", path=str(tmp_path / "gone")).setup("fit")
@@ -231,3 +194,26 @@ def test_loaders_take_rank_and_world_size_from_the_trainer(world_size):
         assert train.batch_sampler.epoch == 3
         train_counts.add(len(_batches(train)))
     assert sorted(seen) == list(range(5)) and len(train_counts) == 1
+
+
+def test_split_info_names_its_images_and_records_the_data_settings(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(6):
+        Image.fromarray(np.full((64, 80, 3), index * 30, np.uint8)).save(images / f"img{index}.png")
+    (tmp_path / "fix.csv").write_text("image,x,y\n" + "".join(f"img{index}.png,{10 + index},20\n"
+                                                              for index in range(6)))
+    template = tmp_path / "centre.npy"
+    np.save(template, np.zeros((8, 8)))
+    data = SaliencyDataModule(source="csv", path=str(images), csv_path=str(tmp_path / "fix.csv"), split="crossval",
+                              folds=3, fold=1, resize="max_side", max_side=40, centerbias="template",
+                              centerbias_template=str(template), batch_size=2, image_cache_mb=0)
+    info = data.split_info("test")
+    assert len(info.image_names) == info.num_images == 2 and len(info.image_ids) == 2
+    assert all(name == str(images / f"img{index}.png") for name, index in zip(info.image_names, info.image_ids))
+    provenance = info.provenance
+    assert provenance["source"] == "csv" and provenance["path"] == str(images.resolve())
+    assert provenance["csv_path"] == str((tmp_path / "fix.csv").resolve())
+    assert provenance["split"] == {"name": "test", "kind": "crossval", "images": 2, "fold": 1, "folds": 3}
+    assert provenance["resize"] == {"policy": "max_side", "max_side": 40, "sizes": [[32, 40]]}
+    assert provenance["centerbias"] == {"kind": "template", "template": str(template.resolve())}

@@ -11,7 +11,7 @@ from deepgaze_lit.data.centerbias import TemplateCenterbias, UniformCenterbias
 from deepgaze_lit.data.dataset import DataError
 from deepgaze_lit.data.resize import resize_image, resize_log_density
 from deepgaze_lit.inference import LOG_DENSITY_FLOOR, DensityPredictor, predict_log_density
-from deepgaze_lit.model import DeepGazeIII
+from deepgaze_lit.model import MIN_IMAGE_SIDE, DeepGazeIII
 
 HEIGHT, WIDTH = 100, 130
 
@@ -131,6 +131,16 @@ def test_too_small_input_is_a_data_error_naming_the_source(spatial_network):
     small = np.zeros((40, 90, 3), dtype=np.uint8)
     with pytest.raises(DataError, match=r"photo\.jpg: image is 40x90"):
         predict_log_density(spatial_network, small, UniformCenterbias(), resize="native", source="photo.jpg")
+
+
+def test_prediction_accepts_the_sizes_the_network_accepts(spatial_network):
+    """58 px (the network's minimum, see test_model) is predicted; 57 px is refused with the file named."""
+    assert MIN_IMAGE_SIDE == 58
+    smallest = predict_log_density(spatial_network, np.zeros((58, 90, 3), np.uint8), UniformCenterbias(), "native")
+    assert smallest.shape == (58, 90) and abs(logsumexp(smallest)) < 1e-9
+    with pytest.raises(DataError, match=r"b.png: image is 90x57 pixels .* expected both sides >= 58"):
+        predict_log_density(spatial_network, np.zeros((90, 57, 3), np.uint8), UniformCenterbias(), "native",
+                            source="b.png")
 
 
 class ZeroMassNetwork(torch.nn.Module):

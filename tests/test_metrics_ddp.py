@@ -59,18 +59,28 @@ def make_batches(mode: str) -> list[dict]:
     return batches
 
 
-def evaluate(mode: str, rank: int, world_size: int) -> dict[str, float]:
+def accumulate(mode: str, rank: int, world_size: int) -> SaliencyMetrics:
     _, shapes, x, y, n = make_split()
     accumulator = SaliencyMetrics(ShufflePool(x, y, n, shapes), gold_kernel_size=2.0, num_images=NUM_IMAGES)
     for batch in make_batches(mode)[rank::world_size]:
         accumulator.update(**batch)
-    return accumulator.compute()
+    return accumulator
+
+
+def evaluate(mode: str, rank: int, world_size: int) -> dict[str, float]:
+    return accumulate(mode, rank, world_size).compute()
+
+
+def per_image(mode: str, rank: int, world_size: int) -> dict[str, list[float]]:
+    """`SaliencyMetrics.per_image()` as lists (NaN kept as float nan)."""
+    return {name: values.tolist() for name, values in accumulate(mode, rank, world_size).per_image().items()}
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         results = {mode: evaluate(mode, rank, world_size) for mode in ("image", "fixation")}
+        results.update({f"{mode}_per_image": per_image(mode, rank, world_size) for mode in ("image", "fixation")})
         if rank == 0:
             with open(out_file, "w") as handle:
                 json.dump(results, handle)
@@ -97,3 +107,14 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
         assert single["fixation"][key] == pytest.approx(single["image"][key], rel=1e-12), key
     assert single["fixation"]["n_map_images"] == 1  # only image 1, with its single fixation
     assert not any(math.isnan(value) for value in single["image"].values())
+    # per-image values are summed across ranks too: the 1-process values, NaN where an image has none
+    for mode in ("image", "fixation"):
+        one_process = per_image(mode, 0, 1)
+        assert distributed[f"{mode}_per_image"].keys() == one_process.keys()
+        for name, values in one_process.items():
+            assert distributed[f"{mode}_per_image"][name] == pytest.approx(values, rel=1e-12, abs=1e-12, nan_ok=True)
+        assert one_process["n_fixations"] == list(map(float, FIXATIONS_PER_IMAGE))
+        assert math.isnan(one_process["ll_nats"][3]) and math.isnan(one_process["cc"][3])
+        assert math.isnan(one_process["cc"][0]) == (mode == "fixation")  # no sample holds all 5 fixations
+        seen = [value for value in one_process["nss"] if not math.isnan(value)]
+        assert sum(seen) / len(seen) == pytest.approx(single[mode]["nss_image"], rel=1e-12)

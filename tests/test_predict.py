@@ -1,56 +1,94 @@
-"""`deepgaze predict`: one .npy log density and one .png overlay per input image, at the input image's size."""
+"""`deepgaze predict`: safe defaults (input size, centre bias never fitted on synthetic data), a folder tree into
+every format, resumable runs, unreadable images skipped and counted, unwritable outputs refused up front."""
 
 import math
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.special import logsumexp
 
 from conftest import run_cli, tiny_config, write_config
+from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.model import DeepGazeIII
-from deepgaze_lit.predict import PredictionWriter
+from deepgaze_lit.output.writers import HDF5_FILE_NAME
 from deepgaze_lit.rendering import density_overlay, heat_colours
 
-INPUTS = {  # file name -> (height, width, Pillow mode)
-    "street.png": (100, 150, "RGB"),
-    "portrait.jpg": (131, 77, "L"),
-    "icon.png": (64, 64, "RGBA"),
+TREE = {  # relative path -> (height, width, Pillow mode)
+    "a/x.jpg": (100, 150, "RGB"),
+    "b/x.jpg": (131, 77, "L"),
+    "x.png": (64, 64, "RGBA"),
 }
+TINY_MODEL = ["--model.num_components", "2", "--model.backbone_weights", "none", "--trainer.accelerator", "cpu"]
+"""Model settings of the tiny experiment, for runs with released-layout weights (a checkpoint brings its own)."""
 
 
-def write_images(folder):
-    folder.mkdir()
+def write_tree(root, broken=False):
     rng = np.random.default_rng(0)
-    for name, (height, width, mode) in INPUTS.items():
+    for relative, (height, width, mode) in TREE.items():
         channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
         pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-        Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, mode).save(folder / name)
-    (folder / "notes.txt").write_text("not an image")
-    return folder
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, mode).save(root / relative)
+    (root / "notes.txt").write_text("not an image")
+    if broken:
+        (root / "b" / "broken.jpg").write_bytes(b"not a JPEG")
+    return root
 
 
-def assert_outputs_at_input_sizes(output_dir):
-    assert sorted(path.name for path in output_dir.iterdir()) == sorted(
-        f"{name.rsplit('.', 1)[0]}.{suffix}" for name in INPUTS for suffix in ("npy", "png")
-    )
-    for name, (height, width, _) in INPUTS.items():
-        stem = name.rsplit(".", 1)[0]
-        log_density = np.load(output_dir / f"{stem}.npy")
-        assert log_density.dtype == np.float32 and log_density.shape == (height, width)
-        assert abs(float(torch.logsumexp(torch.from_numpy(log_density).double().flatten(), 0))) < 1e-4
-        with Image.open(output_dir / f"{stem}.png") as overlay:
-            assert overlay.size == (width, height) and overlay.mode == "RGB"
+def stem(relative):
+    return relative.rsplit(".", 1)[0]
 
 
-@pytest.mark.parametrize("resize", ["native", "max_side"])
-def test_predict_from_a_training_checkpoint_writes_npy_and_png_per_image(trained_experiment, tmp_path, resize):
-    images = write_images(tmp_path / "images")
-    output_dir = tmp_path / "predictions"
-    config = write_config(tmp_path / "c.yaml", tiny_config(data={"resize": resize, "max_side": 128}))
-    run_cli(["predict", "--config", str(config), "--ckpt_path", str(trained_experiment.checkpoints / "best.ckpt"),
-             "--data.predict_dir", str(images), "--output_dir", str(output_dir)], tmp_path)
-    assert_outputs_at_input_sizes(output_dir)
+@pytest.fixture
+def no_synthetic_data(monkeypatch):
+    """Fail the test if the DataModule reads its data source (the synthetic images, without a config)."""
+    def refuse(self):
+        raise AssertionError("predict read the DataModule's data source")
+    monkeypatch.setattr(SaliencyDataModule, "_setup_splits", refuse)
+
+
+def test_predict_without_config_uses_no_synthetic_data_and_the_trained_input_size(
+        trained_experiment, tmp_path, no_synthetic_data, caplog):
+    images = write_tree(tmp_path / "images", broken=True)
+    output_dir = tmp_path / "out"
+    # no config, no model settings: the 2-component network comes from the checkpoint's own settings
+    args = ["predict", "--ckpt_path", str(trained_experiment.checkpoints / "best.ckpt"), "--trainer.accelerator",
+            "cpu", "--input", str(images), "--output_dir", str(output_dir), "--formats", "[npy,hdf5,saliency,overlay]"]
+    printed = run_cli(args, tmp_path)
+    assert "centre bias uniform (no dataset configured (data.source synthetic), so no KDE is fitted" in printed
+    assert "input size native (each image at its own size), as the checkpoint was trained" in printed
+    assert "3 written, 0 already predicted (kept), 1 not readable" in printed
+    warnings = [record.getMessage() for record in caplog.records if "broken.jpg" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("skipped ")
+
+    with h5py.File(output_dir / HDF5_FILE_NAME, "r") as file:
+        keys = []
+        file.visititems(lambda name, item: keys.append(name) if isinstance(item, h5py.Dataset) else None)
+        assert sorted(keys) == sorted(TREE)
+        for relative, (height, width, _) in TREE.items():
+            log_density = np.load(output_dir / "npy" / f"{stem(relative)}.npy")
+            assert log_density.dtype == np.float32 and log_density.shape == (height, width)
+            assert abs(logsumexp(log_density.astype(np.float64))) < 1e-5
+            np.testing.assert_array_equal(file[relative][:], log_density)
+            for folder in ("saliency", "overlay"):
+                with Image.open(output_dir / folder / f"{stem(relative)}.png") as written:
+                    assert written.size == (width, height)
+
+    again = run_cli(args, tmp_path)
+    assert "0 written, 3 already predicted (kept), 1 not readable" in again
+
+
+def test_predict_input_size_follows_the_configuration_over_the_checkpoint(trained_experiment, tmp_path,
+                                                                          no_synthetic_data):
+    images = write_tree(tmp_path / "images")
+    printed = run_cli(["predict", "--ckpt_path", str(trained_experiment.checkpoints / "best.ckpt"),
+                       "--data.resize", "max_side", "--data.max_side", "96", "--input", str(images / "a" / "x.jpg"),
+                       "--output_dir", str(tmp_path / "out"), "--formats", "[npy]"], tmp_path)
+    assert "input size max_side (longer side at most 96 pixels), as configured (data.resize)" in printed
+    assert np.load(tmp_path / "out" / "npy" / "x.npy").shape == TREE["a/x.jpg"][:2]
 
 
 def test_predict_with_released_weights_matches_the_network(tmp_path):
@@ -67,22 +105,43 @@ def test_predict_with_released_weights_matches_the_network(tmp_path):
     template = -((rows - 30.0) ** 2 + (cols - 40.0) ** 2) / 800.0
     template -= np.log(np.exp(template).sum())
     np.save(tmp_path / "template.npy", template)
-    images = write_images(tmp_path / "images")
+    images = write_tree(tmp_path / "images")
     output_dir = tmp_path / "predictions"
     config = write_config(tmp_path / "c.yaml", tiny_config(
         model={"init_from": str(weights), "num_components": 2, "scanpath": True},
-        data={"centerbias": "template", "centerbias_template": str(tmp_path / "template.npy")},
+        data={"centerbias": "template", "centerbias_template": str(tmp_path / "template.npy"),
+              "resize": "max_side", "max_side": 1000},
     ))
-    run_cli(["predict", "--config", str(config), "--data.predict_dir", str(images), "--output_dir", str(output_dir)],
-            tmp_path)
-    assert_outputs_at_input_sizes(output_dir)
+    printed = run_cli(["predict", "--config", str(config), "--input", str(images), "--output_dir", str(output_dir),
+                       "--formats", "[npy]"], tmp_path)
+    assert f"centre bias template (template {tmp_path / 'template.npy'})" in printed
 
-    image = torch.from_numpy(np.asarray(Image.open(images / "street.png").convert("RGB"))).permute(2, 0, 1)[None]
+    image = torch.from_numpy(np.asarray(Image.open(images / "a" / "x.jpg").convert("RGB"))).permute(2, 0, 1)[None]
     history = torch.tensor([[width / 2, math.nan, math.nan, math.nan]]), torch.tensor([[height / 2] + [math.nan] * 3])
     centerbias = torch.from_numpy(template).float()[None]
     with torch.no_grad():
-        expected = network(image, centerbias, *history)[0, 0].numpy()
-    np.testing.assert_allclose(np.load(output_dir / "street.npy"), expected, atol=1e-4)
+        expected = network(image, centerbias, *history)[0, 0].double().numpy()
+    np.testing.assert_allclose(np.load(output_dir / "npy" / "a" / "x.npy"), expected - logsumexp(expected),
+                               atol=1e-4)
+
+
+def test_predict_without_weights_or_into_an_unwritable_folder_is_one_line(tmp_path, capsys):
+    images = write_tree(tmp_path / "images")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["predict", *TINY_MODEL, "--input", str(images)], tmp_path)
+    assert exit_info.value.code == 2
+    assert "predict needs weights: --ckpt_path" in capsys.readouterr().err
+
+    weights = tmp_path / "deepgaze3.pth"
+    torch.save(DeepGazeIII(num_components=2, scanpath=True, backbone_weights="none").state_dict(), weights)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should be")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["predict", *TINY_MODEL, "--model.init_from", str(weights), "--input", str(images),
+                 "--output_dir", str(blocker / "out")], tmp_path)
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deepgaze")]
+    assert len(error) == 1 and "out/npy: cannot write predictions there" in error[0]
 
 
 def test_heat_colours_and_overlay():
@@ -95,10 +154,3 @@ def test_heat_colours_and_overlay():
     assert overlay[0, 0].tolist() == [176, 178, 132]
     with pytest.raises(ValueError, match="differs"):
         density_overlay(image, log_density[:3])
-
-
-def test_writer_refuses_two_inputs_with_the_same_stem(tmp_path):
-    writer = PredictionWriter(str(tmp_path))
-    assert writer._unique_stem("a/photo.jpg") == "photo"
-    with pytest.raises(ValueError, match="photo.npy"):
-        writer._unique_stem("a/photo.png")

@@ -16,11 +16,11 @@ from .resize import target_shape
 from .sampler import ResumableDataLoader, ShapeBucketBatchSampler
 from .splits import crossval_split, holdout_split
 from .synthetic import make_synthetic
-from .torch_dataset import FixationSamples, ImageSamples, PredictImages, collate_samples, history_slots
+from .torch_dataset import FixationSamples, ImageSamples, collate_samples, history_slots
 
 __all__ = [
     "MIT1003_BANDWIDTH", "MIT1003_EPS", "BaselineCenterbias", "CrossvalidatedBaselineCenterbias", "DataError",
-    "FixationDataset", "FixationSamples", "ImageSamples", "PredictImages", "ResumableDataLoader",
+    "FixationDataset", "FixationSamples", "ImageSamples", "ResumableDataLoader",
     "SaliencyDataModule", "ShapeBucketBatchSampler", "TemplateCenterbias", "UniformCenterbias",
     "centerbias_log_density", "collate_samples", "crossval_split", "history_slots", "holdout_split", "load_rgb",
     "make_synthetic", "read_csv_dataset", "read_mit1003", "read_pysaliency", "target_shape",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -20,14 +21,12 @@ from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, Cen
 from .dataset import FixationDataset
 from .errors import DataError
 from .image_cache import SharedImageCache
-from .images import image_files
 from .readers import SourceSettings, read_source, reader_for
 from .resize import target_shapes
 from .sampler import ResumableDataLoader, ShapeBucketBatchSampler
 from .split_info import SplitInfo
 from .splits import crossval_split, holdout_split
-from .torch_dataset import (CenterbiasTensors, FixationSamples, ImageSamples, PredictImages, collate_predict,
-                            collate_samples)
+from .torch_dataset import CenterbiasTensors, FixationSamples, ImageSamples, collate_samples
 
 STAGE_SPLITS = {"fit": "train", "validate": "val", "test": "test"}
 """Lightning stage -> split whose images `split_dataset(stage)` returns."""
@@ -78,10 +77,6 @@ class SaliencyDataModule(pl.LightningDataModule):
         seed: seed of the training order; epoch e's order depends only on (seed, e).
         image_cache_mb: budget in MB of the shared-memory cache of decoded, resized images, shared by the loader
             workers of one process (0: decode each time). MIT1003 at two_sizes needs about 2.4 GB.
-        predict_dir: folder of images for `deepgaze predict` (any size Pillow reads; both sides at least
-            `batch.MIN_IMAGE_SIDE` pixels after resizing, the network's limit; smaller images raise an error).
-            Prediction uses the configured `centerbias`: "kde" reads the training data to build it; with the
-            released weights use "template" and centerbias_mit1003.npy.
         min_image_side: smallest image side (pixels, after resizing) the network accepts (`batch.MIN_IMAGE_SIDE`
             at downsample 2); every image is checked at setup, naming the file of the first one that is smaller.
             The command line sets it from model.downsample (`model.backbone.minimum_image_side`); None: no check.
@@ -117,7 +112,6 @@ class SaliencyDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         seed: int = 42,
         image_cache_mb: int = 3072,
-        predict_dir: Optional[str] = None,
         min_image_side: Optional[int] = None,
     ):
         super().__init__()
@@ -171,12 +165,7 @@ class SaliencyDataModule(pl.LightningDataModule):
                 f"({len(small)} image(s) this small); remove or upscale such images, or choose another data.resize")
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Read, resize and split the data and build the centre bias once (idempotent); "predict" needs only
-        what prediction uses."""
-        if stage == "predict":
-            self._prediction_paths()
-            self._centerbias_tensors()
-            return
+        """Read, resize and split the data and build the centre bias once (idempotent)."""
         self._setup_splits()
 
     def _source_settings(self) -> SourceSettings:
@@ -236,7 +225,7 @@ class SaliencyDataModule(pl.LightningDataModule):
                      f"image cache {self._image_cache.n_cached}/{dataset.n_images} images")
         return " | ".join(parts)
 
-    def _centerbias_model(self) -> CenterbiasModel:
+    def centerbias_model(self) -> CenterbiasModel:
         hp = self.hparams
         if hp.centerbias == "uniform":
             return UniformCenterbias()
@@ -247,7 +236,7 @@ class SaliencyDataModule(pl.LightningDataModule):
 
     def _centerbias_tensors(self) -> CenterbiasTensors:
         if self._centerbias is None:
-            self._centerbias = CenterbiasTensors(self._centerbias_model())
+            self._centerbias = CenterbiasTensors(self.centerbias_model())
         return self._centerbias
 
     def centerbias_for(self, shape: tuple[int, int]) -> torch.Tensor:
@@ -266,7 +255,41 @@ class SaliencyDataModule(pl.LightningDataModule):
         """What the model needs to know about the split of `stage` (see `split_dataset`): sizes, target fixations,
         true densities where known and its data fingerprint (computed when first asked for)."""
         dataset = self.split_dataset(stage)
-        return SplitInfo.of(STAGE_SPLITS[stage], dataset, functools.partial(self.data_fingerprint, stage))
+        return SplitInfo.of(STAGE_SPLITS[stage], dataset, functools.partial(self.data_fingerprint, stage),
+                            self.provenance(stage))
+
+    def provenance(self, stage: str) -> dict:
+        """The data settings behind the split of `stage`, as reports record them: `source` and its reader's
+        settings (`path`, `csv_path` as absolute paths, synthetic seed and sizes, ...), `split` (name, kind, fold and folds or
+        holdout seed and sizes, number of images), `resize` (policy, max_side, the (H, W) input sizes of the
+        split's images), `centerbias` (kind and its parameters), `history` and `targets`."""
+        hp = self.hparams
+        dataset = self.split_dataset(stage)
+        split = {"name": STAGE_SPLITS[stage], "kind": hp.split, "images": dataset.n_images}
+        if hp.split == "crossval":
+            split.update(fold=hp.fold, folds=hp.folds)
+        else:
+            split.update(seed=hp.split_seed, val_images=hp.val_images, test_images=hp.test_images)
+        centerbias = {"kind": hp.centerbias}
+        if hp.centerbias == "kde":
+            centerbias.update(fitted_on="train", bandwidth=hp.centerbias_bandwidth, eps=hp.centerbias_eps)
+        elif hp.centerbias == "template":
+            centerbias["template"] = str(Path(hp.centerbias_template).resolve())
+        settings = dataclasses.asdict(self._source_settings())
+        settings["synthetic_sizes"] = [list(size) for size in settings["synthetic_sizes"]]
+        for key in ("path", "csv_path"):
+            if settings[key] is not None:
+                settings[key] = str(Path(settings[key]).resolve())
+        return {
+            "source": hp.source,
+            **settings,
+            "split": split,
+            "resize": {"policy": hp.resize, "max_side": hp.max_side,
+                       "sizes": np.unique(dataset.shapes, axis=0).tolist()},
+            "centerbias": centerbias,
+            "history": hp.history,
+            "targets": hp.targets,
+        }
 
     def data_fingerprint(self, stage: str = "fit") -> str:
         """Hex digest of the stage's images (content hashes, in order) and their network input sizes.
@@ -330,22 +353,3 @@ class SaliencyDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test batches; every sample is seen exactly once across all ranks."""
         return self._evaluation_loader("test")
-
-    def _prediction_paths(self) -> list[str]:
-        folder = self.hparams.predict_dir
-        if folder is None:
-            raise DataError("no data.predict_dir given; expected a folder of images to predict")
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise DataError(f"{folder}: prediction folder not found; expected a folder of images")
-        paths = image_files(folder)
-        if not paths:
-            raise DataError(f"{folder}: no images (expected files ending in .jpg, .jpeg, .png, ...)")
-        return [str(path) for path in paths]
-
-    def predict_dataloader(self) -> DataLoader:
-        """The images of `predict_dir` in natural order, one per batch, with a dummy central history and `path`."""
-        images = PredictImages(self._prediction_paths(), self._centerbias_tensors(), self.hparams.resize,
-                               self.hparams.max_side)
-        return DataLoader(images, batch_size=1, collate_fn=collate_predict, num_workers=self.hparams.num_workers,
-                          pin_memory=self.hparams.pin_memory and torch.cuda.is_available())

@@ -1,22 +1,19 @@
-"""Torch datasets producing the batches of `deepgaze_lit.batch` (`Batch` per image or per fixation, `PredictBatch`
-for prediction images) and their collate functions."""
+"""Torch datasets producing the batches of `deepgaze_lit.batch` (`Batch` per image or per fixation) and their
+collate functions."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ..batch import HISTORY_LENGTH, MIN_IMAGE_SIDE, Batch, PredictBatch, central_history, missing_history
+from ..batch import HISTORY_LENGTH, Batch, central_history, missing_history
 from .centerbias import CenterbiasModel
 from .dataset import FixationDataset
 from .errors import DataError
 from .image_cache import SharedImageCache
-from .images import load_rgb
-from .resize import ResizePolicy, resize_image, target_shape
 
 HistoryMode = Literal["none", "dummy", "real"]
 
@@ -178,46 +175,3 @@ def collate_samples(samples: list[dict]) -> Batch:
         "weight": torch.tensor([sample["weight"] for sample in samples], dtype=torch.float32),
         "image_index": torch.tensor([sample["image_index"] for sample in samples], dtype=torch.int64),
     }
-
-
-class PredictImages(Dataset):
-    """Arbitrary image files for prediction, resized by the training policy, with a dummy central history.
-
-    Items: one sample of a `PredictBatch` (the fields without the batch dimension; path a str). Images with a side
-    under MIN_IMAGE_SIDE pixels (after resizing) raise DataError: the network cannot process them and upscaling
-    would invent detail.
-    """
-
-    def __init__(self, paths: Sequence[str | Path], centerbias: CenterbiasTensors, resize: ResizePolicy = "native",
-                 max_side: Optional[int] = None):
-        self.paths = [str(path) for path in paths]
-        self.centerbias = centerbias
-        self.resize = resize
-        self.max_side = max_side
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, item: int) -> dict:
-        path = self.paths[item]
-        native = load_rgb(path)
-        shape = target_shape(native.shape[:2], self.resize, self.max_side)
-        if min(shape) < MIN_IMAGE_SIDE:
-            raise DataError(f"{path}: image is {shape[0]}x{shape[1]} pixels (H x W) at the network input; "
-                            f"expected both sides >= {MIN_IMAGE_SIDE} (upscale it yourself if you must)")
-        x_hist, y_hist = history_slots("dummy", shape)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(resize_image(native, shape).transpose(2, 0, 1))),
-            "centerbias": self.centerbias(shape),
-            "x_hist": x_hist,
-            "y_hist": y_hist,
-            "path": path,
-            "original_shape": torch.tensor(native.shape[:2], dtype=torch.int64),
-        }
-
-
-def collate_predict(samples: list[dict]) -> PredictBatch:
-    """Stack predict items of one size; `path` stays a list of str."""
-    batch = {key: _stack(samples, key) for key in ("image", "centerbias", "x_hist", "y_hist", "original_shape")}
-    batch["path"] = [sample["path"] for sample in samples]
-    return batch

@@ -3,7 +3,8 @@
 Per image: `log_likelihood`, `information_gain`, `nss`, `auc`, `sauc` take a log density (H,W) in nats and
 fixations `xs`, `ys` (K,) in pixels and return one value per fixation; `cc`, `kldiv`, `mit_kldiv`, `sim` compare
 two maps; `fixation_map` builds the gold-standard map. Datasets: `SaliencyMetrics`, `information_gain_bits`,
-`build_report` / `write_report`; a split's whole evaluation: `Evaluation`. Every metric is listed once, in
+`build_report` / `write_report`, the per-image table `per_image_rows` / `write_per_image_csv` and the report's
+`build_provenance`; a split's whole evaluation: `Evaluation`. Every metric is listed once, in
 `catalogue.CATALOGUE`.
 """
 
@@ -22,6 +23,8 @@ from deepgaze_lit.metrics.functional import (
     sauc,
     sim,
 )
+from deepgaze_lit.metrics.per_image import per_image_rows, write_per_image_csv
+from deepgaze_lit.metrics.provenance import build_provenance
 from deepgaze_lit.metrics.report import build_report, write_report
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
 
@@ -32,6 +35,7 @@ __all__ = [
     "SaliencyMetrics",
     "ShufflePool",
     "auc",
+    "build_provenance",
     "build_report",
     "cc",
     "evaluation_scalars",
@@ -42,7 +46,9 @@ __all__ = [
     "log_likelihood",
     "mit_kldiv",
     "nss",
+    "per_image_rows",
     "sauc",
     "sim",
+    "write_per_image_csv",
     "write_report",
 ]

@@ -154,6 +154,30 @@ class SaliencyMetrics(Metric):
         return result
 
 
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """Per image of the split (index = `image_index`), float64 (num_images,) tensors on the CPU: `n_fixations`
+        and each kept metric's mean over the image's fixations (or its map value), keyed by the metric's name;
+        NaN where undefined (no fixations, sAUC without negatives, map metrics of an image without a complete
+        sample). Summed across ranks first, so it is collective under DDP: call it on every rank."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+                               should_unsync=self._should_unsync):
+            counts = self.fixation_count.cpu()
+            result = {"n_fixations": counts.clone()}
+            for entry in self.fixation_metrics:
+                own_counts = getattr(self, f"{entry.name}_count").cpu() if entry.may_be_undefined else counts
+                result[entry.name] = _per_image_mean(getattr(self, f"{entry.name}_sum").cpu(), own_counts)
+            if self.map_metrics:
+                for entry in self.map_metrics:
+                    result[entry.name] = _per_image_mean(getattr(self, f"{entry.name}_sum").cpu(),
+                                                         self.map_count.cpu())
+        return result
+
+
+def _per_image_mean(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """sums / counts per image, NaN where the count is 0."""
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
+
+
 def _fixation_and_image_means(metric: str, sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
     """pysaliency's averages: over all fixations, and over images (with fixations) of each image's mean."""
     seen = counts > 0

@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 
 from deepgaze_lit.metrics.accumulator import SaliencyMetrics
 from deepgaze_lit.metrics.catalogue import CATALOGUE, IG_CENTERBIAS, with_centerbias_metrics
+from deepgaze_lit.metrics.per_image import per_image_rows, write_per_image_csv
 from deepgaze_lit.metrics.report import write_report
 from deepgaze_lit.metrics.shuffle_pool import ShufflePool
 
@@ -92,6 +93,12 @@ class Evaluation(torch.nn.Module):
         results.update(references)
         return results, float(self.loss.compute())
 
+    def per_image_rows(self, image_names: Sequence[str], image_ids: Sequence[int]) -> list[dict]:
+        """The model's per-image table (`metrics.per_image`) of the last evaluation, image i of the split named
+        `image_names[i]` with source index `image_ids[i]`. Collective under DDP: call it on every rank."""
+        return per_image_rows(self.accumulators[MODEL].per_image(), self.accumulators[CENTERBIAS].per_image(),
+                              image_names, image_ids)
+
 
 def evaluation_scalars(results: dict[str, dict[str, float]], loss: float) -> dict[str, float]:
     """Scalars logged after an evaluation, all averaged over images as the loss is (bit/fix): `loss`, then per
@@ -115,8 +122,12 @@ def evaluation_scalars(results: dict[str, dict[str, float]], loss: float) -> dic
     return scalars
 
 
-def write_evaluation_report(directory, results: dict[str, dict[str, float]]) -> str:
-    """Write `metrics.json` and `metrics.txt` of `results` (as returned by `Evaluation.compute`) into `directory`;
-    return the table."""
-    write_report(directory, results[MODEL], results[CENTERBIAS], results.get(GOLD))
+def write_evaluation_report(directory, results: dict[str, dict[str, float]], provenance: Optional[dict] = None,
+                            rows: Optional[list[dict]] = None) -> str:
+    """Write `metrics.json` (with `provenance`, see `metrics.provenance`) and `metrics.txt` of `results` (as
+    returned by `Evaluation.compute`) into `directory`, and `metrics_per_image.csv` of `rows`
+    (`Evaluation.per_image_rows`) when given; return the table."""
+    write_report(directory, results[MODEL], results[CENTERBIAS], results.get(GOLD), provenance)
+    if rows is not None:
+        write_per_image_csv(directory, rows)
     return (Path(directory) / "metrics.txt").read_text()

@@ -85,10 +85,14 @@ def build_report(
 
 
 def write_report(
-    directory, model: dict[str, float], centerbias: dict[str, float], gold: dict[str, float] | None = None
+    directory, model: dict[str, float], centerbias: dict[str, float], gold: dict[str, float] | None = None,
+    provenance: dict | None = None,
 ) -> dict:
-    """Write `metrics.json` and `metrics.txt` (the table) into `directory` (created if needed); return the report."""
+    """Write `metrics.json` and `metrics.txt` (the table) into `directory` (created if needed); return the report.
+    `provenance` (`metrics.provenance.build_provenance`) is stored under `"provenance"` in the JSON."""
     report, table = build_report(model, centerbias, gold)
+    if provenance is not None:
+        report["provenance"] = _json_safe(provenance)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

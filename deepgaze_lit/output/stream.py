@@ -29,24 +29,44 @@ class WriteSummary:
     failed: list[str] = field(default_factory=list)
 
 
-def write_predictions(predictor: DensityPredictor, source: str | Path, writers: Sequence,
-                      overwrite: bool = False) -> WriteSummary:
-    """Predict every image of `source` (an image file, or a folder walked with its subfolders) into `writers`.
+class PredictionJob:
+    """The images of `source` (an image file, or a folder walked with its subfolders) and their open `writers`.
 
-    Before any prediction: the inputs are listed (duplicate stems in one folder refused), outputs in the input
-    folder or onto an input refused, and every writer opened (an unwritable destination fails with a DataError).
-    Existing outputs are kept unless `overwrite`. An unreadable or too small image is skipped with a warning.
+    Made before any prediction (and before a network is loaded): the inputs are listed (duplicate stems in one
+    folder refused), outputs in the input folder or onto an input refused, and every writer opened (an unwritable
+    destination fails with a DataError). `run(predictor)` then predicts what is missing; `close()` (or leaving a
+    `with` block) closes the writers. Existing outputs are kept unless `overwrite`.
     """
-    images = list_input_images(source)
-    check_output_location(source, images, writers)
-    opened = []
-    try:
-        for writer in writers:
-            writer.open(overwrite)
-            opened.append(writer)
+
+    def __init__(self, source: str | Path, writers: Sequence, overwrite: bool = False):
+        self.images = list_input_images(source)
+        check_output_location(source, self.images, writers)
+        self.writers: list = []
+        self.overwrite = overwrite
+        try:
+            for writer in writers:
+                writer.open(overwrite)
+                self.writers.append(writer)
+        except BaseException:
+            self.close()
+            raise
+
+    def pending_writers(self, image) -> list:
+        """The writers that still lack `image`'s output (all of them with `overwrite`)."""
+        if self.overwrite:
+            return list(self.writers)
+        return [writer for writer in self.writers if not writer.is_done(image)]
+
+    def count_done(self) -> int:
+        """Images whose every output exists already (skipped by `run` unless `overwrite`)."""
+        return sum(not self.pending_writers(image) for image in self.images)
+
+    def run(self, predictor: DensityPredictor) -> WriteSummary:
+        """Predict every image that lacks an output, one at a time, into the writers that lack it. An unreadable
+        or too small image is skipped with one warning line naming it, and listed in `failed`."""
         summary = WriteSummary()
-        for image in images:
-            pending = list(writers) if overwrite else [writer for writer in writers if not writer.is_done(image)]
+        for image in self.images:
+            pending = self.pending_writers(image)
             if not pending:
                 summary.skipped += 1
                 continue
@@ -61,6 +81,21 @@ def write_predictions(predictor: DensityPredictor, source: str | Path, writers: 
                 writer.write(image, pixels, log_density)
             summary.written += 1
         return summary
-    finally:
-        for writer in opened:
+
+    def close(self) -> None:
+        for writer in self.writers:
             writer.close()
+        self.writers = []
+
+    def __enter__(self) -> PredictionJob:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def write_predictions(predictor: DensityPredictor, source: str | Path, writers: Sequence,
+                      overwrite: bool = False) -> WriteSummary:
+    """Predict every image of `source` into `writers` (see `PredictionJob`): open, run, close."""
+    with PredictionJob(source, writers, overwrite) as job:
+        return job.run(predictor)
