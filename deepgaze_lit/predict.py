@@ -28,7 +28,7 @@ from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.resize import TWO_SIZES_LANDSCAPE, TWO_SIZES_PORTRAIT, ResizePolicy, target_shape
 from deepgaze_lit.inference import DensityPredictor
 from deepgaze_lit.model import DeepGazeIII
-from deepgaze_lit.module import DeepGazeModule
+from deepgaze_lit.model.checkpoint import read_training_checkpoint
 from deepgaze_lit.output import PredictionJob, WriteSummary, make_writers
 
 DEFAULT_RESIZE = inspect.signature(SaliencyDataModule).parameters["resize"].default
@@ -103,13 +103,12 @@ def choose_centerbias(data: SaliencyDataModule) -> CenterbiasChoice:
 
 
 def load_training_checkpoint(path: str | Path) -> tuple[DeepGazeIII, Optional[dict]]:
-    """The network of a `deepgaze fit` checkpoint, rebuilt from the model settings saved in it (so no config is
-    needed; the checkpoint supplies every weight, the backbone's included), and the data settings it was trained
-    with (None when it records none)."""
-    module = DeepGazeModule.load_from_checkpoint(path, map_location="cpu", weights_only=True,
-                                                 backbone_weights="none", init_from=None)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return module.model, checkpoint.get(CHECKPOINT_DATA_KEY)
+    """The network of a `deepgaze fit` checkpoint (`DeepGazeIII.from_checkpoint`: rebuilt from the model settings
+    saved in it, so no config is needed; a backbone the checkpoint left out is rebuilt from the weights it was
+    trained with) and the data settings it was trained with (None when it records none)."""
+    network = DeepGazeIII.from_checkpoint(path)
+    checkpoint = read_training_checkpoint(path, mmap=True)
+    return network, checkpoint.get(CHECKPOINT_DATA_KEY)
 
 
 def run_prediction(network: DeepGazeIII, data: SaliencyDataModule, source: str | Path, output_dir: str | Path,
