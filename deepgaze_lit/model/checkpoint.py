@@ -143,21 +143,25 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], "BackboneRecord |
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         return network_state(state["state_dict"]), BackboneRecord.of(state)
     if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise CheckpointMismatchError(f"{path} is neither a DeepGaze III state dict (a flat dict of tensors) nor a training "
-                         "checkpoint of deepgaze-lit")
+        raise CheckpointMismatchError(
+            f"{path} is neither a DeepGaze III state dict (a flat dict of tensors) nor a training checkpoint of "
+            "deepgaze-lit"
+        )
     return state, None
 
 
 def read_training_checkpoint(path: str | Path) -> dict:
-    """A training checkpoint (`deepgaze fit`'s `.ckpt`) as a dict, loaded with weights_only=True; a ValueError
+    """A training checkpoint (`deepgaze fit`'s `.ckpt`) as a dict, loaded with weights_only=True; a CheckpointMismatchError
     naming the file when it is something else."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointMismatchError(f"{path} is not a training checkpoint of deepgaze-lit (a .ckpt written by deepgaze fit); "
-                         "for a plain state dict such as deepgaze3.pth use DeepGazeIII.from_release")
+        raise CheckpointMismatchError(
+            f"{path} is not a training checkpoint of deepgaze-lit (a .ckpt written by deepgaze fit); for a plain "
+            "state dict such as deepgaze3.pth use DeepGazeIII.from_release"
+        )
     return checkpoint
 
 
@@ -260,7 +264,9 @@ def extract_component(state: dict[str, Tensor], component: int) -> dict[str, Ten
     included."""
     available = mixture_components(state)
     if component not in available:
-        raise CheckpointMismatchError(f"component {component} is not in the checkpoint; it holds components {available}")
+        raise CheckpointMismatchError(
+            f"component {component} is not in the checkpoint; it holds components {available}"
+        )
     extracted = {}
     for key, value in state.items():
         match = _MIXTURE_KEY.match(key)
@@ -325,7 +331,9 @@ def load_weights(
         return load_state(model, single_model_to_component(state, component), expected, strict, name)
     if component is not None:
         if model.num_components != 1:
-            raise CheckpointMismatchError(f"component={component} extracts one component: build the model with num_components=1")
+            raise CheckpointMismatchError(
+                f"component={component} extracts one component: build the model with num_components=1"
+            )
         state = extract_component(state, component)
     expected = [key for key in model_keys if not key.startswith(BACKBONE_PREFIX)] + backbone_keys
     return load_state(model, state, expected, strict, name)
