@@ -151,8 +151,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], "BackboneRecord |
 
 
 def read_training_checkpoint(path: str | Path) -> dict:
-    """A training checkpoint (`deepgaze fit`'s `.ckpt`) as a dict, loaded with weights_only=True; a CheckpointMismatchError
-    naming the file when it is something else."""
+    """A training checkpoint (`deepgaze fit`'s `.ckpt`) as a dict, loaded with weights_only=True; a
+    CheckpointMismatchError naming the file when it is something else."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
