@@ -21,8 +21,7 @@ from deepgaze_lit.model.deepgaze3 import DeepGazeIII
 from deepgaze_lit.model.errors import ModelConfigError
 from deepgaze_lit.model.grids import DOWNSAMPLE
 
-EXPORT_ERRORS = (ExperimentError, FileNotFoundError, FileExistsError, CheckpointMismatchError, ModelConfigError,
-                 ValueError)
+EXPORT_ERRORS = (ExperimentError, FileNotFoundError, FileExistsError, CheckpointMismatchError, ModelConfigError)
 """Errors whose message tells the user what to fix: printed as one line, exit status 2."""
 
 

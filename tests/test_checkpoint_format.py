@@ -213,7 +213,7 @@ def test_stage_chaining_starts_from_the_previous_stages_weights(tmp_path, caplog
     for key, value in trained.items():
         assert torch.equal(first_step[key], value), key
     scanpath_keys = [key for key in first_step if key.startswith("scanpath_networks.0.")]
-    assert len(scanpath_keys) == 9
+    assert len(scanpath_keys) == 12
     with pytest.raises(CheckpointMismatchError, match="holds 1 mixture components, this model 2: set "
                                                       "model.num_components 1"):
         DeepGazeModule(num_components=2, backbone_weights="none", init_from=str(previous))

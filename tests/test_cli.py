@@ -82,7 +82,7 @@ def test_checkpoint_loads_with_load_from_checkpoint_and_refuses_another_architec
     assert module.model.num_components == 2
     assert module.configure_optimizers().param_groups[0]["lr"] == 0.02
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    assert all(torch.equal(value, saved[key]) for key, value in module.state_dict().items())
+    assert all(torch.equal(module.state_dict()[key], value) for key, value in saved.items())
     with pytest.raises(CheckpointMismatchError, match="different architecture"):
         DeepGazeModule.load_from_checkpoint(checkpoint, map_location="cpu", num_components=1)
 

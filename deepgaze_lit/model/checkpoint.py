@@ -45,7 +45,8 @@ _MIXTURE_KEY = re.compile(rf"^({'|'.join(COMPONENT_PREFIXES.values())})\.(\d+)\.
 
 
 class CheckpointMismatchError(ValueError):
-    """Weights that do not fit the model's architecture."""
+    """Weights that cannot be loaded as asked: a file of another kind, another architecture, a component that is
+    not there, another backbone than the one trained with. The CLI prints it as one line."""
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,9 @@ def extract_component(state: dict[str, Tensor], component: int) -> dict[str, Ten
     included."""
     available = mixture_components(state)
     if component not in available:
-        raise ValueError(f"component {component} is not in the checkpoint; it holds components {available}")
+        raise CheckpointMismatchError(
+            f"component {component} is not in the checkpoint; it holds components {available}"
+        )
     extracted = {}
     for key, value in state.items():
         match = _MIXTURE_KEY.match(key)
@@ -323,18 +326,20 @@ def load_weights(
     if is_single_model_layout(state):
         if component is None:
             if model.num_components != 1:
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"{name} is a single-model checkpoint but the model has {model.num_components} components: "
                     f"pass component=k (0..{model.num_components - 1}) to choose which one it initialises"
                 )
             component = 0
         if not 0 <= component < model.num_components:
-            raise ValueError(f"component {component} is outside 0..{model.num_components - 1}")
+            raise CheckpointMismatchError(f"component {component} is outside 0..{model.num_components - 1}")
         expected = _component_keys(model_keys, component) + backbone_keys
         return load_state(model, single_model_to_component(state, component), expected, strict, name)
     if component is not None:
         if model.num_components != 1:
-            raise ValueError(f"component={component} extracts one component: build the model with num_components=1")
+            raise CheckpointMismatchError(
+                f"component={component} extracts one component: build the model with num_components=1"
+            )
         state = extract_component(state, component)
     expected = [key for key in model_keys if not key.startswith(BACKBONE_PREFIX)] + backbone_keys
     return load_state(model, state, expected, strict, name)
