@@ -84,7 +84,8 @@ def test_plain_composition_taken_under_compile_equals_the_fused_layer(monkeypatc
     fused = conv_softplus_layer_norm_conv(x, in_weight, in_bias, norm, weight, bias, constant)
     plain = plain_conv_softplus_layer_norm_conv(x, in_weight, in_bias, norm, weight, bias, constant)
     assert torch.allclose(plain, fused, atol=1e-12)
-    for mine, expected in zip(torch.autograd.grad(plain, parameters, grad), torch.autograd.grad(fused, parameters, grad)):
+    plain_grads = torch.autograd.grad(plain, parameters, grad)
+    for mine, expected in zip(plain_grads, torch.autograd.grad(fused, parameters, grad)):
         assert torch.allclose(mine, expected, atol=1e-10)
     expected_constant = weight.flatten(1) @ norm.bias + bias
     assert torch.allclose(plain[1], expected_constant[:, None].expand(4, 11), atol=1e-12)
