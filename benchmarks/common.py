@@ -8,7 +8,7 @@
 - readout+loss: the rest of the training step up to the optimiser: head forward, loss, backward, zero_grad and,
   with the feature cache, its lookups;
 - optimiser: `optimizer.step` and Lightning's bookkeeping after it;
-- validation: the whole validation loop (its loader, network and metrics);
+- validation: the whole validation loop (its loader, network and metrics), over `val_images` images;
 - other: the rest of the epoch up to the start of the next one (or the end of fit): logging, epoch hooks and
   checkpoint writing.
 On a GPU every boundary synchronises the device, so the split is honest (and the run slightly slower).
@@ -135,6 +135,10 @@ class StageTimer(Callback):
         self._validation_start = self._now()
         if self._current:
             self._current["train_rss_mb"] = peak_rss_mb()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and self._current:
+            self._current["val_images"] = self._current.get("val_images", 0) + int(batch["image"].shape[0])
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not self._current:

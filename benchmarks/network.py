@@ -12,6 +12,7 @@ Reference implementation for comparison (2-core CPU, 768x1024, batch 2, 10 compo
 
     python benchmarks/network.py                      # CPU, float32, 768x1024 and 384x512, batch 2
     python benchmarks/network.py --device cuda --dtype bf16 --channels-last
+    python benchmarks/network.py --device cuda --dtype bf16 --batch 32 --sizes 768x1024 --compile head
 """
 
 import argparse
@@ -40,7 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile backbone_features and head")
+    parser.add_argument("--compile", nargs="?", const="all", choices=["head", "all"], default=None,
+                        help="torch.compile the head only, or (no value) backbone_features and head")
+    parser.add_argument("--json", default=None, help="append each size's result as one JSON line to this file")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -91,8 +94,10 @@ def run_one_size(args, size):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     backbone, head = model.backbone_features, model.head
+    if args.compile == "all":
+        backbone = torch.compile(backbone)
     if args.compile:
-        backbone, head = torch.compile(backbone), torch.compile(head)
+        head = torch.compile(head, dynamic=False)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     image, centerbias, x_hist, y_hist, fix_batch, fix_x, fix_y = make_batch(
         args.batch, height, width, device, args.channels_last, torch.Generator().manual_seed(0)
@@ -120,7 +125,8 @@ def run_one_size(args, size):
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = {"size": size}
+    result = {"size": size, "batch": args.batch, "components": args.components, "dtype": args.dtype,
+              "compile": args.compile, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     result["backbone_forward_s"] = timings(backbone_forward, device, args.repeats, args.warmup)
     result["forward_s"] = timings(forward, device, args.repeats, args.warmup)
     if device.type == "cuda":
@@ -156,6 +162,9 @@ def main(argv=None):
         if process.returncode != 0:
             sys.exit(f"benchmark of {size} failed:\n{process.stderr}")
         result = json.loads(process.stdout.strip().splitlines()[-1])
+        if args.json:
+            with open(args.json, "a") as stream:
+                stream.write(json.dumps(result) + "\n")
         peak = result.get("peak_rss_gb", result.get("train_peak_gb"))
         backbone, forward, step = (
             f"{result[key][0]:.2f}/{result[key][1]:.2f}" for key in ("backbone_forward_s", "forward_s", "train_step_s")

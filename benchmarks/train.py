@@ -139,7 +139,7 @@ def extrapolated(epoch: dict, val_images: int) -> float:
 
 
 def report(args, results: dict[str, dict]) -> str:
-    header = ["run", "epoch", "train img", *PHASES, "total s", "train img/s", "peak RSS MB"]
+    header = ["run", "epoch", "train img", *PHASES, "total s", "train img/s", "val img/s", "peak RSS MB"]
     gpu = any(result["cuda_peak_mb"] is not None for result in results.values())
     if gpu:
         header.append("CUDA max alloc MB")
@@ -148,6 +148,7 @@ def report(args, results: dict[str, dict]) -> str:
         for epoch in result["epochs"]:
             row = [run, epoch["epoch"], epoch["images"], *(f"{epoch[phase]:.2f}" for phase in PHASES),
                    f"{epoch['total']:.2f}", f"{epoch['images'] / train_seconds(epoch):.3f}",
+                   f"{epoch['val_images'] / epoch['validation']:.3f}" if epoch.get("val_images") else "-",
                    f"{result['peak_rss_mb']:.0f}"]
             if gpu:
                 row.append(f"{result['cuda_peak_mb']:.0f}" if result["cuda_peak_mb"] is not None else "-")

@@ -76,8 +76,8 @@ class DeepGazeModule(L.LightningModule):
         channels_last: keep the backbone's weights and feed it the images in channels_last memory format (faster
             convolutions on GPUs; the same numbers up to float rounding).
         compile_head: run the readout head (`DeepGazeIII.head`, everything after the backbone) through
-            `torch.compile` (compiled at its first use, once per image size; the fused custom-gradient layers
-            run eagerly between the compiled parts).
+            `torch.compile` (compiled at its first use, once per image size; the compiled head computes the fused
+            layers as plain operations, and its index maps and blur kernels eagerly).
         gold_kernel_size: standard deviation (pixels of the evaluated images) of the Gaussian that turns the
             fixations into the gold-standard map for CC, KLDiv and SIM; None leaves these metrics out.
     """

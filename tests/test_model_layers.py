@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from deepgaze_lit.model import fused as fused_module
-from deepgaze_lit.model.fused import conv_softplus_layer_norm_conv
+from deepgaze_lit.model.fused import conv_softplus_layer_norm_conv, plain_conv_softplus_layer_norm_conv
 from deepgaze_lit.model.layers import (
     LayerNorm,
     conv1x1,
@@ -63,6 +63,40 @@ def test_fused_conv_softplus_layer_norm_conv_equals_composition(chunk_positions,
     assert torch.autograd.gradcheck(
         lambda b: conv_softplus_layer_norm_conv(x, in_weight, b, norm, weight, bias), [shared_bias]
     )
+
+
+def test_plain_composition_taken_under_compile_equals_the_fused_layer(monkeypatch):
+    """`plain_conv_softplus_layer_norm_conv` (what torch.compile traces) against the chunked autograd Function (3
+    chunks): values and every gradient in float64 with one sample flagged constant; under bf16 autocast both are
+    computed in float32 and returned in bfloat16."""
+    monkeypatch.setattr(fused_module, "CPU_CHUNK_ELEMENTS", 6 * 4)
+    generator = torch.Generator().manual_seed(1)
+    norm = random_layer_norm(6, generator)
+    x = torch.randn(3, 2, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    in_weight = (2 * torch.randn(6, 2, generator=generator, dtype=torch.float64)).requires_grad_()
+    in_bias = torch.randn(3, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, 1, 1, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 4, 11, generator=generator, dtype=torch.float64)
+    constant = torch.tensor([False, True, False])
+    parameters = [x, in_weight, in_bias, norm.weight, norm.bias, weight, bias]
+
+    fused = conv_softplus_layer_norm_conv(x, in_weight, in_bias, norm, weight, bias, constant)
+    plain = plain_conv_softplus_layer_norm_conv(x, in_weight, in_bias, norm, weight, bias, constant)
+    assert torch.allclose(plain, fused, atol=1e-12)
+    plain_grads = torch.autograd.grad(plain, parameters, grad)
+    for mine, expected in zip(plain_grads, torch.autograd.grad(fused, parameters, grad)):
+        assert torch.allclose(mine, expected, atol=1e-10)
+    expected_constant = weight.flatten(1) @ norm.bias + bias
+    assert torch.allclose(plain[1], expected_constant[:, None].expand(4, 11), atol=1e-12)
+
+    single = [tensor.detach().float() for tensor in (x, in_weight, in_bias, weight, bias)]
+    norm = norm.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = conv_softplus_layer_norm_conv(*single[:3], norm, *single[3:], constant)
+        plain = plain_conv_softplus_layer_norm_conv(*single[:3], norm, *single[3:], constant)
+    assert plain.dtype == fused.dtype == torch.bfloat16
+    assert torch.allclose(plain.float(), fused.float(), rtol=0, atol=1e-2 * fused.float().abs().max().item())
 
 
 def test_float32_cpu_softplus_matches_float64_within_rounding():

@@ -34,7 +34,7 @@ from deepgaze_lit.model.checkpoint import (
     require_backbone_weights,
 )
 from deepgaze_lit.model.errors import ModelConfigError
-from deepgaze_lit.model.grids import DOWNSAMPLE, SALIENCY_MAP_FACTOR, NearestMap, readout_shape
+from deepgaze_lit.model.grids import DOWNSAMPLE, SALIENCY_MAP_FACTOR, NearestMap, head_grids
 from deepgaze_lit.model.layers import normalise
 from deepgaze_lit.model.readout import (
     Finalizer,
@@ -94,9 +94,10 @@ def distinct_histories(x_hist: Tensor, y_hist: Tensor) -> tuple[Tensor, Tensor, 
     """The distinct rows of a batch's histories (B, 4) (pixels, NaN = missing) and, for each sample, the index
     (B,) of its row among them. Slots count as equal when both are missing, so samples with the same history (the
     dummy central history of a batch of one image size, or none) share one scanpath-network evaluation.
-    Histories that need a gradient are returned as they are (torch.unique has none).
+    Histories that need a gradient, or under torch.compile (the number of distinct rows depends on the data), are
+    returned as they are (torch.unique has no gradient).
     """
-    if x_hist.requires_grad or y_hist.requires_grad:
+    if x_hist.requires_grad or y_hist.requires_grad or torch.compiler.is_compiling():
         return x_hist, y_hist, torch.arange(x_hist.shape[0], device=x_hist.device)
     present = torch.isfinite(x_hist) & torch.isfinite(y_hist)
     key = torch.cat([torch.where(present, x_hist, torch.inf), torch.where(present, y_hist, torch.inf)], dim=1)
@@ -243,20 +244,16 @@ class DeepGazeIII(nn.Module):
         dtype = self.finalizers[0].center_bias_weight.dtype
         device = features.device
         image_shape = tuple(centerbias.shape[-2:])
-        readout = readout_shape(image_shape, self.downsample)
-        native_to_readout = NearestMap.to_size(tuple(features.shape[-2:]), readout, device)
-        cell_weight = native_to_readout.cell_counts(dtype).flatten()
+        grids = head_grids(tuple(features.shape[-2:]), image_shape, self.downsample, device)
+        cell_weight = grids.native_counts.to(dtype)
         normalised_features = normalise(features.to(dtype).flatten(2), cell_weight)
-        image_to_grid = NearestMap.by_factor(image_shape, SALIENCY_MAP_FACTOR, device)
-        readout_to_grid = NearestMap.to_size(readout, image_to_grid.out_shape, device)
         if self.scanpath:
             x_hist, y_hist = self._history(x_hist, y_hist, batch, dtype, device)
             x_distinct, y_distinct, history_row = distinct_histories(x_hist, y_hist)
-            image_to_readout = NearestMap.to_size(image_shape, readout, device)
-            encoding, valid = scanpath_encoding(x_distinct, y_distinct, image_to_readout)
-            to_grid = readout_to_grid
+            encoding, valid = scanpath_encoding(x_distinct, y_distinct, grids.image_to_readout)
+            to_grid = grids.readout_to_grid
         else:
-            to_grid = readout_to_grid.after(native_to_readout)
+            to_grid = grids.native_to_grid
 
         readouts = []
         for component in range(self.num_components):
@@ -265,20 +262,19 @@ class DeepGazeIII(nn.Module):
             saliency = selection.normalise_saliency(saliency, cell_weight)
             if self.scanpath:
                 history = self.scanpath_networks[component](encoding, valid).index_select(0, history_row)
-                readouts.append(selection(native_to_readout.apply_flat(saliency), history))
+                readouts.append(selection(saliency.index_select(-1, grids.native_to_readout), history))
             else:
                 readouts.append(selection(saliency, None, cell_weight))
 
         final_dtype = torch.promote_types(dtype, torch.float32)
         with torch.autocast(device.type, enabled=False):
-            on_grid = to_grid.apply_flat(torch.cat(readouts, dim=1).to(final_dtype))
-            on_grid = on_grid.view(batch, self.num_components, *image_to_grid.out_shape)
-            grid_to_image = NearestMap.to_size(image_to_grid.out_shape, image_shape, device)
-            centerbias_on_grid = image_to_grid.apply(centerbias.to(final_dtype))[:, None]
-            log_cell_size = grid_to_image.cell_counts(final_dtype).log()
+            on_grid = torch.cat(readouts, dim=1).to(final_dtype).index_select(-1, to_grid)
+            on_grid = on_grid.view(batch, self.num_components, *grids.grid_shape)
+            centerbias_on_grid = grids.image_to_grid.apply(centerbias.to(final_dtype))[:, None]
+            log_cell_size = grids.grid_counts.to(final_dtype).log()
             components = finalize(list(self.finalizers), on_grid, centerbias_on_grid, log_cell_size)
             mixture = torch.logsumexp(components, dim=1, keepdim=True) - math.log(self.num_components)
-        return BlockLogDensity(mixture, grid_to_image)
+        return BlockLogDensity(mixture, grids.grid_to_image)
 
     def forward(
         self, image: Tensor, centerbias: Tensor, x_hist: Tensor | None = None, y_hist: Tensor | None = None

@@ -2,9 +2,10 @@
 custom autograd Function that never holds the wide hidden map whole in the forward pass."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from deepgaze_lit.model.layers import LAYER_NORM_EPS, SOFTPLUS_THRESHOLD, LayerNorm, softplus_values
+from deepgaze_lit.model.layers import LAYER_NORM_EPS, SOFTPLUS_THRESHOLD, LayerNorm, conv1x1, softplus_values
 
 CPU_CHUNK_ELEMENTS = 2**17
 """Elements per sample of the wide hidden map computed at a time on the CPU (0.5 MiB in float32: a batch of 2 stays
@@ -155,7 +156,6 @@ class _RunningMoments:
         return self.mean.to(dtype), torch.rsqrt(variance + LAYER_NORM_EPS).to(dtype)
 
 
-@torch.compiler.disable
 def conv_softplus_layer_norm_conv(
     x: Tensor,
     in_weight: Tensor,
@@ -172,10 +172,30 @@ def conv_softplus_layer_norm_conv(
     samples whose hidden map is known to be constant over (C, P); their normalised map is set to exactly 0 (a float
     LayerNorm of a constant map returns eps-amplified rounding noise instead).
 
-    Run eagerly under torch.compile (a graph break): traced by dynamo, its backward fails under CUDA autocast.
+    Under torch.compile the same function is computed as the plain composition (`plain_conv_softplus_layer_norm_conv`):
+    the compiler traces and fuses that, not the chunked autograd Function.
     """
     if constant is None:
         constant = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if torch.compiler.is_compiling():
+        return plain_conv_softplus_layer_norm_conv(x, in_weight, in_bias, norm, weight, bias, constant)
     return _ConvSoftplusLayerNormConv.apply(
         x, in_weight.flatten(1), in_bias, norm.weight, norm.bias, weight.flatten(1), bias, constant
     )
+
+
+def plain_conv_softplus_layer_norm_conv(
+    x: Tensor, in_weight: Tensor, in_bias: Tensor, norm: LayerNorm, weight: Tensor, bias: Tensor, constant: Tensor
+) -> Tensor:
+    """`conv_softplus_layer_norm_conv` as four ordinary operations with the same semantics: computed in the
+    parameters' precision with autocast off, the output cast to the autocast dtype under autocast; samples flagged
+    `constant` (B,) take a normalised map of exactly 0. Holds the wide hidden map for the backward pass."""
+    device = x.device.type
+    autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    with torch.autocast(device, enabled=False):
+        hidden = F.softplus(conv1x1(in_weight, x.to(weight.dtype), in_bias))
+        normalised = F.group_norm(hidden, 1, None, None, LAYER_NORM_EPS)
+        normalised = torch.where(constant[:, None, None], 0, normalised)
+        affine = normalised * norm.weight[:, None] + norm.bias[:, None]
+        output = conv1x1(weight, affine, bias)
+    return output if autocast_dtype is None else output.to(autocast_dtype)

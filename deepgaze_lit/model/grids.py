@@ -123,3 +123,59 @@ def _nearest_map(
     rows = _source_index(in_shape[0], None if out_shape is None else out_shape[0], factor, device)
     cols = _source_index(in_shape[1], None if out_shape is None else out_shape[1], factor, device)
     return NearestMap(rows, cols, in_shape)
+
+
+@dataclass(frozen=True, eq=False)
+class HeadGrids:
+    """Every index map the head needs for one (feature grid, image size, downsample), as plain tensors and maps
+    whose tensors are fields (nothing computed on access), so that a compiled head reads them as graph inputs.
+
+    `native_counts` (h32 * w32,) int64: readout cells copying each native feature cell (the LayerNorm weights of
+    maps on the native grid); `native_to_readout` (h * w,) flat index of the readout grid into the native grid;
+    `readout_to_grid` and `native_to_grid` (h4 * w4,) flat indices of the finalizer grid into the readout and the
+    native grid; `image_to_readout`, `image_to_grid`, `grid_to_image`: the maps between the image, the readout and
+    the finalizer grid; `grid_counts` (h4, w4) int64: full-resolution pixels each finalizer cell stands for.
+    """
+
+    native_counts: Tensor
+    native_to_readout: Tensor
+    readout_to_grid: Tensor
+    native_to_grid: Tensor
+    image_to_readout: NearestMap
+    image_to_grid: NearestMap
+    grid_to_image: NearestMap
+    grid_counts: Tensor
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(h4, w4): the finalizer grid."""
+        return self.image_to_grid.out_shape
+
+
+@torch.compiler.disable(reason="index maps are built once per shape, outside the compiled graph")
+def head_grids(
+    feature_shape: tuple[int, int], image_shape: tuple[int, int], downsample: float, device: torch.device
+) -> HeadGrids:
+    """The shared `HeadGrids` of features of `feature_shape` (h32, w32) from an image of `image_shape` (H, W)."""
+    return _head_grids(tuple(feature_shape), tuple(image_shape), downsample, torch.device(device))
+
+
+@functools.lru_cache(maxsize=512)
+def _head_grids(
+    feature_shape: tuple[int, int], image_shape: tuple[int, int], downsample: float, device: torch.device
+) -> HeadGrids:
+    readout = readout_shape(image_shape, downsample)
+    native_to_readout = NearestMap.to_size(feature_shape, readout, device)
+    image_to_grid = NearestMap.by_factor(image_shape, SALIENCY_MAP_FACTOR, device)
+    readout_to_grid = NearestMap.to_size(readout, image_to_grid.out_shape, device)
+    grid_to_image = NearestMap.to_size(image_to_grid.out_shape, image_shape, device)
+    return HeadGrids(
+        native_counts=native_to_readout.cell_counts(torch.int64).flatten(),
+        native_to_readout=native_to_readout.flat_index,
+        readout_to_grid=readout_to_grid.flat_index,
+        native_to_grid=readout_to_grid.after(native_to_readout).flat_index,
+        image_to_readout=NearestMap.to_size(image_shape, readout, device),
+        image_to_grid=image_to_grid,
+        grid_to_image=grid_to_image,
+        grid_counts=grid_to_image.cell_counts(torch.int64),
+    )

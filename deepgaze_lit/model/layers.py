@@ -159,11 +159,10 @@ class _Softplus(torch.autograd.Function):
         return torch.ops.aten.softplus_backward(grad, x, 1.0, SOFTPLUS_THRESHOLD)
 
 
-@torch.compiler.disable
 def softplus(x: Tensor) -> Tensor:
-    """F.softplus (beta 1, threshold 20), faster in float32 on the CPU (`softplus_values`). Run eagerly under
-    torch.compile (a graph break), like `fused.conv_softplus_layer_norm_conv`."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    """F.softplus (beta 1, threshold 20), faster in float32 on the CPU eagerly (`softplus_values`); under
+    torch.compile F.softplus itself, which the compiler fuses with its neighbours."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32:
         return F.softplus(x)
     return _Softplus.apply(x)
 
@@ -177,19 +176,27 @@ def _blur_matrices(kernel: Tensor, radius: int, size: int) -> Tensor:
     return matrices.scatter_add(2, source.expand(components, size, taps), kernel[:, None, :].expand(-1, size, -1))
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, truncate: float) -> Tensor:
-    """Blur each component's map separately: x (B, K, h, w), `sigma` (K,) in grid pixels.
+@torch.compiler.disable(reason="the kernel length depends on sigma's value")
+def blur_matrices(sigma: Tensor, truncate: float, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The separable Gaussian blur of each component as banded matrices: rows (K, h, h), cols (K, w, w) for maps
+    of `shape` (h, w); `sigma` (K,) in grid pixels, differentiable.
 
-    Kernel of component k: exp(-t^2 / (2 sigma_k^2)) for |t| <= ceil(truncate * sigma_k), normalised to sum 1; rows
-    first, then columns; replicate padding. Each pass is a product with a banded matrix that has the padding folded
-    in; all components share one zero-extended kernel length, which changes nothing.
+    Kernel of component k: exp(-t^2 / (2 sigma_k^2)) for |t| <= ceil(truncate * sigma_k), normalised to sum 1;
+    replicate padding folded into the matrices; all components share one zero-extended kernel length, which
+    changes nothing. Run eagerly under torch.compile (the kernel length is read from sigma), so the compiled
+    graph only sees matrices of the fixed shapes above.
     """
     radii = [math.ceil(truncate * value) for value in sigma.detach().tolist()]
     max_radius = max(radii)
-    offsets = torch.arange(-max_radius, max_radius + 1, dtype=x.dtype, device=x.device)
-    within = offsets.abs()[None, :] <= torch.tensor(radii, dtype=x.dtype, device=x.device)[:, None]
-    kernel = torch.exp(-0.5 * (offsets[None, :] / sigma.to(x.dtype)[:, None]).square()) * within
+    offsets = torch.arange(-max_radius, max_radius + 1, dtype=sigma.dtype, device=sigma.device)
+    within = offsets.abs()[None, :] <= torch.tensor(radii, dtype=sigma.dtype, device=sigma.device)[:, None]
+    kernel = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]).square()) * within
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    rows = _blur_matrices(kernel, max_radius, x.shape[-2])
-    cols = _blur_matrices(kernel, max_radius, x.shape[-1])
+    return _blur_matrices(kernel, max_radius, shape[0]), _blur_matrices(kernel, max_radius, shape[1])
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, truncate: float) -> Tensor:
+    """Blur each component's map separately: x (B, K, h, w), `sigma` (K,) in grid pixels (`blur_matrices`): rows
+    first, then columns."""
+    rows, cols = blur_matrices(sigma.to(x.dtype), truncate, tuple(x.shape[-2:]))
     return rows @ x @ cols.transpose(-1, -2)
