@@ -164,18 +164,19 @@ def head_grids(
 def _head_grids(
     feature_shape: tuple[int, int], image_shape: tuple[int, int], downsample: float, device: torch.device
 ) -> HeadGrids:
-    readout = readout_shape(image_shape, downsample)
-    native_to_readout = NearestMap.to_size(feature_shape, readout, device)
-    image_to_grid = NearestMap.by_factor(image_shape, SALIENCY_MAP_FACTOR, device)
-    readout_to_grid = NearestMap.to_size(readout, image_to_grid.out_shape, device)
-    grid_to_image = NearestMap.to_size(image_to_grid.out_shape, image_shape, device)
-    return HeadGrids(
-        native_counts=native_to_readout.cell_counts(torch.int64).flatten(),
-        native_to_readout=native_to_readout.flat_index,
-        readout_to_grid=readout_to_grid.flat_index,
-        native_to_grid=readout_to_grid.after(native_to_readout).flat_index,
-        image_to_readout=NearestMap.to_size(image_shape, readout, device),
-        image_to_grid=image_to_grid,
-        grid_to_image=grid_to_image,
-        grid_counts=grid_to_image.cell_counts(torch.int64),
-    )
+    with shared_tensors():
+        readout = readout_shape(image_shape, downsample)
+        native_to_readout = NearestMap.to_size(feature_shape, readout, device)
+        image_to_grid = NearestMap.by_factor(image_shape, SALIENCY_MAP_FACTOR, device)
+        readout_to_grid = NearestMap.to_size(readout, image_to_grid.out_shape, device)
+        grid_to_image = NearestMap.to_size(image_to_grid.out_shape, image_shape, device)
+        return HeadGrids(
+            native_counts=native_to_readout.cell_counts(torch.int64).flatten(),
+            native_to_readout=native_to_readout.flat_index,
+            readout_to_grid=readout_to_grid.flat_index,
+            native_to_grid=readout_to_grid.after(native_to_readout).flat_index,
+            image_to_readout=NearestMap.to_size(image_shape, readout, device),
+            image_to_grid=image_to_grid,
+            grid_to_image=grid_to_image,
+            grid_counts=grid_to_image.cell_counts(torch.int64),
+        )
