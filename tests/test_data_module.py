@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from deepgaze_lit.batch import MIN_IMAGE_SIDE
-from deepgaze_lit.data import (BaselineCenterbias, DataError, FixationSamples, SaliencyDataModule, make_synthetic,
+from deepgaze_lit.data import (BaselineCenterbias, CrossvalidatedBaselineCenterbias, DataError, FixationSamples, SaliencyDataModule, make_synthetic,
                                read_mit1003)
 from deepgaze_lit.data.centerbias import UniformCenterbias
 from deepgaze_lit.data.torch_dataset import CenterbiasTensors
@@ -72,7 +72,8 @@ def test_splits_are_disjoint_and_setup_is_idempotent():
     data.setup("fit")
     train = data.split_dataset("fit")
     data.setup("validate")
-    data.setup("test")
+    with pytest.raises(DataError, match="set data.test_images > 0 for a separate test split, or use `deepgaze validate`"):
+        data.setup("test")  # the test split is the validation split: scoring it would leak
     assert data.split_dataset("fit") is train
     val, test = data.split_dataset("validate"), data.split_dataset("test")
     assert not set(train.image_ids) & set(val.image_ids)
@@ -231,3 +232,28 @@ def test_loaders_take_rank_and_world_size_from_the_trainer(world_size):
         assert train.batch_sampler.epoch == 3
         train_counts.add(len(_batches(train)))
     assert sorted(seen) == list(range(5)) and len(train_counts) == 1
+
+
+def test_kde_crossval_gives_every_image_its_leave_one_out_centre_bias():
+    """centerbias "kde_crossval": each batch sample's centre bias is the KDE of all the dataset's target fixations
+    but its own image's (pysaliency CrossvalidatedBaselineModel), in every split, fixation targets included."""
+    data = SaliencyDataModule(split="crossval", folds=4, fold=1, centerbias="kde_crossval", history="real",
+                              targets="fixation", **SMALL)
+    data.setup("fit")
+    everything = data._dataset
+    for stage, loader in (("fit", data.train_dataloader()), ("test", data.test_dataloader())):
+        split = data.split_dataset(stage)
+        for batch in _batches(loader):
+            for sample, index in enumerate(batch["image_index"].tolist()):
+                image_id = int(split.image_ids[index])
+                own_left_out = CrossvalidatedBaselineCenterbias(everything, data.hparams.centerbias_bandwidth,
+                                                                data.hparams.centerbias_eps)
+                expected = own_left_out.log_density_for_image(image_id).astype(np.float32)
+                np.testing.assert_array_equal(batch["centerbias"][sample].numpy(), expected)
+    first = int(data.split_dataset("test").image_ids[0])
+    second = next(i for i in range(everything.n_images)
+                  if i != first and tuple(everything.shapes[i]) == tuple(everything.shapes[first]))
+    with_all = BaselineCenterbias(everything, data.hparams.centerbias_bandwidth, data.hparams.centerbias_eps)
+    shape = tuple(everything.shapes[first])
+    assert not np.allclose(own_left_out.log_density_for_image(first), with_all.log_density(shape))
+    assert not np.allclose(own_left_out.log_density_for_image(first), own_left_out.log_density_for_image(second))

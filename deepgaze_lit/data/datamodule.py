@@ -15,8 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from ..resilience import ignore_requeue_signal
-from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, CenterbiasModel, TemplateCenterbias,
-                         UniformCenterbias)
+from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, CenterbiasModel,
+                         CrossvalidatedBaselineCenterbias, TemplateCenterbias, UniformCenterbias)
 from .dataset import FixationDataset
 from .errors import DataError
 from .image_cache import SharedImageCache
@@ -31,6 +31,11 @@ from .torch_dataset import (CenterbiasTensors, FixationSamples, ImageSamples, Pr
 
 STAGE_SPLITS = {"fit": "train", "validate": "val", "test": "test"}
 """Lightning stage -> split whose images `split_dataset(stage)` returns."""
+
+
+def test_split_is_validation(hparams) -> bool:
+    """Whether the settings make the test split the validation split (holdout with test_images 0)."""
+    return hparams.split == "holdout" and hparams.test_images == 0
 
 
 class SaliencyDataModule(pl.LightningDataModule):
@@ -54,15 +59,19 @@ class SaliencyDataModule(pl.LightningDataModule):
             target; null detects it (at least 80% of scanpath starts near the image centre).
         split: "holdout" (seeded shuffle) or "crossval" (pysaliency's folds).
         val_images: holdout: number of validation images.
-        test_images: holdout: number of separate test images; 0 makes the test split the validation split.
+        test_images: holdout: number of separate test images; 0 makes the test split the validation split, which
+            `deepgaze test` refuses (those images chose the checkpoint): use `validate` or set test_images > 0.
         fold: crossval: fold whose chunk is the test split (chunk fold-1 is validation).
         folds: crossval: number of folds.
         split_seed: holdout: seed of the shuffle (crossval always uses pysaliency's seed 42).
         resize: "native" sizes; "two_sizes" (768x1024 landscape, 1024x768 otherwise, as DeepGaze training);
             "max_side" (scale down so the longer side is at most `max_side` pixels). Fixations follow the image.
         max_side: longest image side in pixels for resize "max_side".
-        centerbias: "kde" (pysaliency BaselineModel of the TRAINING fixations), "uniform", or "template"
-            (a 2-D log-density .npy file zoomed to each image size).
+        centerbias: "kde" (pysaliency BaselineModel of the TRAINING fixations), "kde_crossval" (pysaliency
+            CrossvalidatedBaselineModel, the DeepGaze III protocol's: each image's own bias is the KDE of ALL the
+            dataset's fixations except that image's; computed per image at setup and held in memory, about 3 GB
+            for MIT1003 at two_sizes; prediction on other images uses the KDE of all fixations), "uniform", or
+            "template" (a 2-D log-density .npy file zoomed to each image size).
         centerbias_template: .npy file for centerbias "template" (e.g. the released centerbias_mit1003.npy).
         centerbias_bandwidth: kde bandwidth as a fraction of the image height/width (MIT1003 fit by default).
         centerbias_eps: kde weight of the uniform component (MIT1003 fit by default).
@@ -102,7 +111,7 @@ class SaliencyDataModule(pl.LightningDataModule):
         split_seed: int = 42,
         resize: Literal["native", "two_sizes", "max_side"] = "native",
         max_side: Optional[int] = None,
-        centerbias: Literal["kde", "uniform", "template"] = "kde",
+        centerbias: Literal["kde", "kde_crossval", "uniform", "template"] = "kde",
         centerbias_template: Optional[str] = None,
         centerbias_bandwidth: float = MIT1003_BANDWIDTH,
         centerbias_eps: float = MIT1003_EPS,
@@ -130,6 +139,7 @@ class SaliencyDataModule(pl.LightningDataModule):
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.summary: Optional[str] = None
         self._splits: dict[str, FixationDataset] = {}
+        self._dataset: Optional[FixationDataset] = None
         self._image_cache: Optional[SharedImageCache] = None
         self._centerbias: Optional[CenterbiasTensors] = None
         self._samples: dict[str, ImageSamples | FixationSamples] = {}
@@ -142,6 +152,10 @@ class SaliencyDataModule(pl.LightningDataModule):
             self._prediction_paths()
             self._centerbias_tensors()
             return
+        if stage == "test" and test_split_is_validation(self.hparams):
+            raise DataError("deepgaze test would score the validation images that chose the checkpoint (split "
+                            "holdout with data.test_images 0): set data.test_images > 0 for a separate test split, "
+                            "or use `deepgaze validate`")
         self._setup_splits()
 
     def _source_settings(self) -> SourceSettings:
@@ -174,11 +188,15 @@ class SaliencyDataModule(pl.LightningDataModule):
                 raise DataError(f"{dataset.source}: the {name} split has no image with fixations; "
                                 "expected a larger dataset or other split settings")
         self._splits = splits
+        self._dataset = dataset
         self._image_cache = SharedImageCache(dataset.shapes, hp.image_cache_mb << 20)
         centerbias = self._centerbias_tensors()
         for split in splits.values():
             for shape in np.unique(split.shapes, axis=0):
                 centerbias(tuple(shape))
+            if centerbias.per_image:  # before loader workers start, so that they inherit them
+                for image_id, shape in zip(split.image_ids, split.shapes):
+                    centerbias.for_image(image_id, shape)
         self.summary = self._summary(native, dataset, empty)
         rank_zero_info(self.summary)
 
@@ -204,6 +222,8 @@ class SaliencyDataModule(pl.LightningDataModule):
         if hp.centerbias == "template":
             return TemplateCenterbias(hp.centerbias_template)
         self._setup_splits()
+        if hp.centerbias == "kde_crossval":
+            return CrossvalidatedBaselineCenterbias(self._dataset, hp.centerbias_bandwidth, hp.centerbias_eps)
         return BaselineCenterbias(self._splits["train"], hp.centerbias_bandwidth, hp.centerbias_eps)
 
     def _centerbias_tensors(self) -> CenterbiasTensors:
