@@ -195,6 +195,10 @@ def ig_summary(metrics: dict) -> str:
 def main(args: ArgsType = None) -> None:
     """Entry point of the `deepgaze` console script; `args` replaces sys.argv[1:] (used by tests)."""
     try:
+        command = list(sys.argv[1:] if args is None else args)
+        if command[:1] == ["protocol"]:
+            from deepgaze_lit.protocol import run_protocol  # the protocol module builds on this one
+            return run_protocol(command[1:])
         DeepGazeCLI(
             DeepGazeModule,
             SaliencyDataModule,
