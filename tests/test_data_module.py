@@ -257,3 +257,24 @@ def test_kde_crossval_gives_every_image_its_leave_one_out_centre_bias():
     shape = tuple(everything.shapes[first])
     assert not np.allclose(own_left_out.log_density_for_image(first), with_all.log_density(shape))
     assert not np.allclose(own_left_out.log_density_for_image(first), own_left_out.log_density_for_image(second))
+
+
+def test_given_split_validates_on_a_second_dataset_and_refuses_test(tmp_path):
+    """split "given": all of `path` trains, all of `val_path` validates (e.g. SALICON train / val caches); the two
+    datasets' images keep distinct ids (the image cache and per-image caches are keyed by them)."""
+    fixture = Path(__file__).parent / "data" / "pysaliency_mini"
+    with pytest.raises(ValueError, match="split 'given' needs data.val_path"):
+        SaliencyDataModule(source="pysaliency", path=str(fixture), split="given")
+    data = SaliencyDataModule(source="pysaliency", path=str(fixture), val_path=str(fixture), split="given",
+                              batch_size=4, image_cache_mb=16)
+    data.setup("fit")
+    train, val = data.split_dataset("fit"), data.split_dataset("validate")
+    assert train.n_images == val.n_images == 12
+    assert train.image_ids.tolist() == list(range(12)) and val.image_ids.tolist() == list(range(12, 24))
+    batches = _batches(data.val_dataloader())
+    assert sum(len(batch["image_index"]) for batch in batches) == 12
+    for batch in batches:
+        for sample, index in enumerate(batch["image_index"].tolist()):
+            np.testing.assert_array_equal(batch["image"][sample].numpy(), val.load_image(index).transpose(2, 0, 1))
+    with pytest.raises(DataError, match="split given, test split = validation split"):
+        data.setup("test")

@@ -23,8 +23,9 @@ FOLDS = 3
 IMAGES = 12
 SALIENCY_LAYERS_0_1 = [f"saliency_networks.*.{layer}" for layer in
                        ("layernorm0", "conv0", "bias0", "layernorm1", "conv1", "bias1")]
-DATA = {"source": "synthetic", "synthetic_images": IMAGES, "synthetic_sizes": [[96, 128], [128, 96]],
-        "synthetic_subjects": 2, "image_cache_mb": 0, "initial_fixation": True}
+DATA = {"source": "synthetic", "synthetic_images": IMAGES, "synthetic_sizes": [[64, 96], [96, 64]],
+        "synthetic_subjects": 2, "image_cache_mb": 0, "initial_fixation": True,
+        "eval_batch_size": 16}
 RECORD = {"class_path": "protocol_probes.RecordStartWeights"}
 STAGES = {
     # name: (per_fold, epochs, model, data)
@@ -241,3 +242,22 @@ def test_pooled_report_weights_fixations_and_gives_the_standard_error_over_folds
     write_rows(folders[1] / PER_IMAGE_FILE, [row(1, 1, 4, 4.0)])
     with pytest.raises(ValueError, match=r"images \[1\] were scored by more than one fold"):
         pooled_report(folders, tmp_path / "pooled")
+
+
+@pytest.mark.parametrize("extra, expected", [([], ["--fold", "3"]), (["--stage", "salicon"], ["--stage", "salicon"])])
+def test_protocol_sbatch_runs_one_fold_per_array_task(tmp_path, extra, expected):
+    script = REPOSITORY / "slurm" / "protocol.sbatch"
+    text = script.read_text()
+    for option in ("#SBATCH --array=0-9", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue"):
+        assert option in text
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    recorded = tmp_path / "srun.txt"
+    (fake_bin / "srun").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{recorded}"\n')
+    (fake_bin / "srun").chmod(0o755)
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_ID": "77",
+           "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_NODELIST": "gpu01", "SLURM_CPUS_PER_TASK": "10"}
+    completed = subprocess.run(["bash", str(script)] + extra, env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert recorded.read_text().splitlines() == ["deepgaze", "protocol", "--config",
+                                                 "configs/deepgaze3_protocol.yaml"] + expected

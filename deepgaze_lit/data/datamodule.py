@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -34,8 +35,8 @@ STAGE_SPLITS = {"fit": "train", "validate": "val", "test": "test"}
 
 
 def test_split_is_validation(hparams) -> bool:
-    """Whether the settings make the test split the validation split (holdout with test_images 0)."""
-    return hparams.split == "holdout" and hparams.test_images == 0
+    """Whether the settings make the test split the validation split (holdout with test_images 0, given)."""
+    return hparams.split == "given" or (hparams.split == "holdout" and hparams.test_images == 0)
 
 
 class SaliencyDataModule(pl.LightningDataModule):
@@ -57,7 +58,10 @@ class SaliencyDataModule(pl.LightningDataModule):
         synthetic_subjects: scanpaths (subjects) per synthetic image.
         initial_fixation: whether scanpaths start with a forced central fixation that is history only, never a
             target; null detects it (at least 80% of scanpath starts near the image centre).
-        split: "holdout" (seeded shuffle) or "crossval" (pysaliency's folds).
+        split: "holdout" (seeded shuffle), "crossval" (pysaliency's folds) or "given" (all of `path` trains, all of
+            `val_path` validates, e.g. SALICON's train and val caches; the test split is the validation split,
+            which `deepgaze test` refuses).
+        val_path: split "given": the validation data, a second dataset of the same source format.
         val_images: holdout: number of validation images.
         test_images: holdout: number of separate test images; 0 makes the test split the validation split, which
             `deepgaze test` refuses (those images chose the checkpoint): use `validate` or set test_images > 0.
@@ -103,7 +107,8 @@ class SaliencyDataModule(pl.LightningDataModule):
         synthetic_sizes: Sequence[tuple[int, int]] = ((256, 320), (320, 256)),
         synthetic_subjects: int = 8,
         initial_fixation: Optional[bool] = None,
-        split: Literal["holdout", "crossval"] = "holdout",
+        split: Literal["holdout", "crossval", "given"] = "holdout",
+        val_path: Optional[str] = None,
         val_images: int = 101,
         test_images: int = 0,
         fold: int = 0,
@@ -130,6 +135,12 @@ class SaliencyDataModule(pl.LightningDataModule):
         if history == "real" and targets != "fixation":
             raise ValueError("history 'real' needs targets 'fixation': every fixation has its own history")
         reader_for(source, self._source_settings())
+        if split == "given":
+            if val_path is None:
+                raise ValueError("split 'given' needs data.val_path (the validation data, same format as path)")
+            if centerbias == "kde_crossval":
+                raise ValueError("centerbias 'kde_crossval' leaves each image of ONE dataset out; with split 'given' "
+                                 "use 'kde' (fitted on the training data)")
         if resize == "max_side" and (max_side is None or max_side < 1):
             raise ValueError("resize 'max_side' needs a positive data.max_side (pixels)")
         if centerbias == "template" and centerbias_template is None:
@@ -153,9 +164,9 @@ class SaliencyDataModule(pl.LightningDataModule):
             self._centerbias_tensors()
             return
         if stage == "test" and test_split_is_validation(self.hparams):
-            raise DataError("deepgaze test would score the validation images that chose the checkpoint (split "
-                            "holdout with data.test_images 0): set data.test_images > 0 for a separate test split, "
-                            "or use `deepgaze validate`")
+            raise DataError(f"deepgaze test would score the validation images that chose the checkpoint (split "
+                            f"{self.hparams.split}, test split = validation split): set data.test_images > 0 for a "
+                            "separate test split, or use `deepgaze validate`")
         self._setup_splits()
 
     def _source_settings(self) -> SourceSettings:
@@ -172,24 +183,40 @@ class SaliencyDataModule(pl.LightningDataModule):
             train, val, test = holdout_split(n_images, hp.val_images, hp.test_images, hp.split_seed)
         return {"train": train, "val": val, "test": test}
 
+    def _given_validation(self, first_image_id: int) -> FixationDataset:
+        """Split "given": the resized `val_path` dataset, its image ids numbered on from `first_image_id` (the
+        training data's image count), so that the caches keyed by image id keep both datasets apart."""
+        hp = self.hparams
+        native = read_source(hp.source, dataclasses.replace(self._source_settings(), path=hp.val_path))
+        dataset = native.resized(target_shapes(native.shapes, hp.resize, hp.max_side))
+        return dataclasses.replace(dataset, image_ids=dataset.image_ids + first_image_id)
+
     def _setup_splits(self) -> None:
         if self._splits:
             return
         hp = self.hparams
         native = self._read_source()
         dataset = native.resized(target_shapes(native.shapes, hp.resize, hp.max_side))
-        targets = dataset.targets_per_image()
+        if hp.split == "given":
+            validation = self._given_validation(dataset.n_images)
+            parts = {"train": (dataset, np.arange(dataset.n_images)),
+                     "val": (validation, np.arange(validation.n_images)),
+                     "test": (validation, np.arange(validation.n_images))}
+            all_shapes = np.concatenate([dataset.shapes, validation.shapes])
+        else:
+            parts = {name: (dataset, indices) for name, indices in self._split_indices(dataset.n_images).items()}
+            all_shapes = dataset.shapes
         splits, empty = {}, {}
-        for name, indices in self._split_indices(dataset.n_images).items():
-            with_targets = indices[targets[indices] > 0]
+        for name, (source, indices) in parts.items():
+            with_targets = indices[source.targets_per_image()[indices] > 0]
             empty[name] = len(indices) - len(with_targets)
-            splits[name] = dataset.subset(with_targets)
+            splits[name] = source.subset(with_targets)
             if splits[name].n_images == 0:
-                raise DataError(f"{dataset.source}: the {name} split has no image with fixations; "
+                raise DataError(f"{source.source}: the {name} split has no image with fixations; "
                                 "expected a larger dataset or other split settings")
         self._splits = splits
         self._dataset = dataset
-        self._image_cache = SharedImageCache(dataset.shapes, hp.image_cache_mb << 20)
+        self._image_cache = SharedImageCache(all_shapes, hp.image_cache_mb << 20)
         centerbias = self._centerbias_tensors()
         for split in splits.values():
             for shape in np.unique(split.shapes, axis=0):
