@@ -27,10 +27,9 @@ from __future__ import annotations
 import copy
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import yaml
@@ -93,6 +92,14 @@ def save_atomically(state: dict, path: Path) -> None:
     """torch.save to a temporary file of this process, renamed over `path` (every rank may write the same file)."""
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def write_yaml_atomically(values: dict, path: Path) -> None:
+    """`values` as YAML, written to a temporary file of this process and renamed over `path` (every rank of a DDP
+    job writes the same file; none may read a half-written one)."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(yaml.safe_dump(values))
     os.replace(partial, path)
 
 
@@ -203,7 +210,7 @@ class Protocol:
         experiment = self.experiment(stage, fold)
         experiment.path.mkdir(parents=True, exist_ok=True)
         settings_file = experiment.path / SETTINGS_FILE
-        settings_file.write_text(yaml.safe_dump(self.settings_for(stage, fold, experiment.name, init_from)))
+        write_yaml_atomically(self.settings_for(stage, fold, experiment.name, init_from), settings_file)
         print(f"deepgaze protocol: {where}: deepgaze fit --config {stage.config} --config {settings_file} "
               "--ckpt_path last", flush=True)
         run_lightning_cli(["fit", "--config", stage.config, "--config", str(settings_file), "--ckpt_path", "last"])
@@ -248,7 +255,7 @@ class Protocol:
                                     "trainer": {"callbacks": [callback]}})
         output.mkdir(parents=True, exist_ok=True)
         settings_file = output / SETTINGS_FILE
-        settings_file.write_text(yaml.safe_dump(settings))
+        write_yaml_atomically(settings, settings_file)
         print(f"deepgaze protocol: scoring fold {fold} ({checkpoint}) on its test chunk", flush=True)
         run_lightning_cli(["test", "--config", self.last.config, "--config", str(settings_file)])
         return output
@@ -351,4 +358,3 @@ def run_protocol(args: list[str]) -> None:
     stages = [Stage(**vars(stage)) if not isinstance(stage, Stage) else stage for stage in config.stages]
     protocol = Protocol(config.name, config.experiments_root, config.folds, config.handoff, config.common, stages)
     protocol.run(config.stage, config.fold, config.weights)
-    sys.stdout.flush()
