@@ -20,16 +20,17 @@ class RecordStartWeights(L.Callback):
 
 
 class KillOnce(L.Callback):
-    """SIGKILL this process after optimizer step `step` of the experiment named `experiment`, once (a marker file
-    in the experiment folder remembers it)."""
+    """SIGKILL this process after the first training step of epoch `epoch` of the experiment named `experiment`,
+    once (a marker file in the experiment folder remembers it)."""
 
-    def __init__(self, experiment: str, step: int):
+    def __init__(self, experiment: str, epoch: int):
         self.experiment = experiment
-        self.step = step
+        self.epoch = epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         folder = Path(trainer.default_root_dir)
         marker = folder / "killed_once"
-        if folder.name == self.experiment and trainer.global_step == self.step and not marker.exists():
+        if folder.name == self.experiment and trainer.current_epoch == self.epoch and batch_idx == 0 \
+                and not marker.exists():
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
