@@ -284,11 +284,12 @@ class Protocol:
                 raise UsageError(f"protocol: assembling needs every fold's {self.last.name} result; {path} is "
                                  f"missing: run the protocol with --fold {fold} first")
             states.append(torch.load(path, map_location="cpu", weights_only=True))
-        mixture = {key: value for key, value in states[0].items() if key.startswith(BACKBONE_PREFIX)}
+        shared = {key: value for key, value in states[0].items() if key.startswith(BACKBONE_PREFIX)}
+        mixture = dict(shared)
         for fold, state in enumerate(states):
             backbone = {key: value for key, value in state.items() if key.startswith(BACKBONE_PREFIX)}
-            if backbone.keys() != mixture.keys() or not all(torch.equal(value, mixture[key])
-                                                            for key, value in backbone.items()):
+            if backbone.keys() != shared.keys() or not all(torch.equal(value, shared[key])
+                                                           for key, value in backbone.items()):
                 raise UsageError(f"protocol: fold {fold}'s backbone differs from fold 0's; the mixture shares one "
                                  "backbone, so every fold must be trained from the same backbone weights")
             for key, value in state.items():
