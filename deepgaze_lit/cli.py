@@ -336,6 +336,9 @@ def main(args: ArgsType = None) -> None:
     try:
         if command[:1] == ["export"]:  # not a Trainer subcommand: its own parser
             run_export(command[1:])
+        elif command[:1] == ["protocol"]:
+            from deepgaze_lit.protocol import run_protocol  # the protocol module builds on this one
+            run_protocol(command[1:])
         else:
             DeepGazeCLI(
                 DeepGazeModule,

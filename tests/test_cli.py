@@ -92,7 +92,7 @@ def test_validate_and_test_from_the_checkpoint_write_a_report(trained_experiment
     checkpoint = trained_experiment.checkpoints / "best.ckpt"
     run_cli(
         [subcommand, "--config", str(trained_experiment.config), "--ckpt_path", str(checkpoint),
-         "--experiment", f"tiny-{subcommand}"],
+         "--experiment", f"tiny-{subcommand}"] + (["--data.test_images", "4"] if subcommand == "test" else []),
         tmp_path,
     )
     run_dir = tmp_path / "experiments" / f"tiny-{subcommand}" / "logs" / "version_0"

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deepgaze_lit.data import (BaselineCenterbias, DataError, FixationSamples, SaliencyDataModule, make_synthetic,
+from deepgaze_lit.data import (BaselineCenterbias, CrossvalidatedBaselineCenterbias, DataError, FixationSamples,
+                               SaliencyDataModule, make_synthetic,
                                read_mit1003)
 from deepgaze_lit.data.centerbias import UniformCenterbias
 from deepgaze_lit.data.torch_dataset import CenterbiasTensors
@@ -71,7 +72,8 @@ def test_splits_are_disjoint_and_setup_is_idempotent():
     data.setup("fit")
     train = data.split_dataset("fit")
     data.setup("validate")
-    data.setup("test")
+    with pytest.raises(DataError, match="set data.test_images > 0 for a separate test split, or use `deepgaze validate`"):
+        data.setup("test")  # the test split is the validation split: scoring it would leak
     assert data.split_dataset("fit") is train
     val, test = data.split_dataset("validate"), data.split_dataset("test")
     assert not set(train.image_ids) & set(val.image_ids)
@@ -217,3 +219,49 @@ def test_split_info_names_its_images_and_records_the_data_settings(tmp_path):
     assert provenance["split"] == {"name": "test", "kind": "crossval", "images": 2, "fold": 1, "folds": 3}
     assert provenance["resize"] == {"policy": "max_side", "max_side": 40, "sizes": [[32, 40]]}
     assert provenance["centerbias"] == {"kind": "template", "template": str(template.resolve())}
+
+
+def test_kde_crossval_gives_every_image_its_leave_one_out_centre_bias():
+    """centerbias "kde_crossval": each batch sample's centre bias is the KDE of all the dataset's target fixations
+    but its own image's (pysaliency CrossvalidatedBaselineModel), in every split, fixation targets included."""
+    data = SaliencyDataModule(split="crossval", folds=4, fold=1, centerbias="kde_crossval", history="real",
+                              targets="fixation", **SMALL)
+    data.setup("fit")
+    everything = data._dataset
+    for stage, loader in (("fit", data.train_dataloader()), ("test", data.test_dataloader())):
+        split = data.split_dataset(stage)
+        for batch in _batches(loader):
+            for sample, index in enumerate(batch["image_index"].tolist()):
+                image_id = int(split.image_ids[index])
+                own_left_out = CrossvalidatedBaselineCenterbias(everything, data.hparams.centerbias_bandwidth,
+                                                                data.hparams.centerbias_eps)
+                expected = own_left_out.log_density_for_image(image_id).astype(np.float32)
+                np.testing.assert_array_equal(batch["centerbias"][sample].numpy(), expected)
+    first = int(data.split_dataset("test").image_ids[0])
+    second = next(i for i in range(everything.n_images)
+                  if i != first and tuple(everything.shapes[i]) == tuple(everything.shapes[first]))
+    with_all = BaselineCenterbias(everything, data.hparams.centerbias_bandwidth, data.hparams.centerbias_eps)
+    shape = tuple(everything.shapes[first])
+    assert not np.allclose(own_left_out.log_density_for_image(first), with_all.log_density(shape))
+    assert not np.allclose(own_left_out.log_density_for_image(first), own_left_out.log_density_for_image(second))
+
+
+def test_given_split_validates_on_a_second_dataset_and_refuses_test(tmp_path):
+    """split "given": all of `path` trains, all of `val_path` validates (e.g. SALICON train / val caches); the two
+    datasets' images keep distinct ids (the image cache and per-image caches are keyed by them)."""
+    fixture = Path(__file__).parent / "data" / "pysaliency_mini"
+    with pytest.raises(ValueError, match="split 'given' needs data.val_path"):
+        SaliencyDataModule(source="pysaliency", path=str(fixture), split="given")
+    data = SaliencyDataModule(source="pysaliency", path=str(fixture), val_path=str(fixture), split="given",
+                              batch_size=4, image_cache_mb=16)
+    data.setup("fit")
+    train, val = data.split_dataset("fit"), data.split_dataset("validate")
+    assert train.n_images == val.n_images == 12
+    assert train.image_ids.tolist() == list(range(12)) and val.image_ids.tolist() == list(range(12, 24))
+    batches = _batches(data.val_dataloader())
+    assert sum(len(batch["image_index"]) for batch in batches) == 12
+    for batch in batches:
+        for sample, index in enumerate(batch["image_index"].tolist()):
+            np.testing.assert_array_equal(batch["image"][sample].numpy(), val.load_image(index).transpose(2, 0, 1))
+    with pytest.raises(DataError, match="split given, test split = validation split"):
+        data.setup("test")

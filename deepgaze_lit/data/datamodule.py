@@ -16,8 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from ..resilience import ignore_stop_signals
-from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, CenterbiasModel, TemplateCenterbias,
-                         UniformCenterbias)
+from .centerbias import (MIT1003_BANDWIDTH, MIT1003_EPS, BaselineCenterbias, CenterbiasModel,
+                         CrossvalidatedBaselineCenterbias, TemplateCenterbias, UniformCenterbias)
 from .dataset import FixationDataset
 from .errors import DataError
 from .image_cache import SharedImageCache
@@ -30,6 +30,11 @@ from .torch_dataset import CenterbiasTensors, FixationSamples, ImageSamples, col
 
 STAGE_SPLITS = {"fit": "train", "validate": "val", "test": "test"}
 """Lightning stage -> split whose images `split_dataset(stage)` returns."""
+
+
+def test_split_is_validation(hparams) -> bool:
+    """Whether the settings make the test split the validation split (holdout with test_images 0, given)."""
+    return hparams.split == "given" or (hparams.split == "holdout" and hparams.test_images == 0)
 
 
 class SaliencyDataModule(pl.LightningDataModule):
@@ -51,17 +56,24 @@ class SaliencyDataModule(pl.LightningDataModule):
         synthetic_subjects: scanpaths (subjects) per synthetic image.
         initial_fixation: whether scanpaths start with a forced central fixation that is history only, never a
             target; null detects it (at least 80% of scanpath starts near the image centre).
-        split: "holdout" (seeded shuffle) or "crossval" (pysaliency's folds).
+        split: "holdout" (seeded shuffle), "crossval" (pysaliency's folds) or "given" (all of `path` trains, all of
+            `val_path` validates, e.g. SALICON's train and val caches; the test split is the validation split,
+            which `deepgaze test` refuses).
+        val_path: split "given": the validation data, a second dataset of the same source format.
         val_images: holdout: number of validation images.
-        test_images: holdout: number of separate test images; 0 makes the test split the validation split.
+        test_images: holdout: number of separate test images; 0 makes the test split the validation split, which
+            `deepgaze test` refuses (those images chose the checkpoint): use `validate` or set test_images > 0.
         fold: crossval: fold whose chunk is the test split (chunk fold-1 is validation).
         folds: crossval: number of folds.
         split_seed: holdout: seed of the shuffle (crossval always uses pysaliency's seed 42).
         resize: "native" sizes; "two_sizes" (768x1024 landscape, 1024x768 otherwise, as DeepGaze training);
             "max_side" (scale down so the longer side is at most `max_side` pixels). Fixations follow the image.
         max_side: longest image side in pixels for resize "max_side".
-        centerbias: "kde" (pysaliency BaselineModel of the TRAINING fixations), "uniform", or "template"
-            (a 2-D log-density .npy file zoomed to each image size).
+        centerbias: "kde" (pysaliency BaselineModel of the TRAINING fixations), "kde_crossval" (pysaliency
+            CrossvalidatedBaselineModel, the DeepGaze III protocol's: each image's own bias is the KDE of ALL the
+            dataset's fixations except that image's; computed per image at setup and held in memory, about 3 GB
+            for MIT1003 at two_sizes; prediction on other images uses the KDE of all fixations), "uniform", or
+            "template" (a 2-D log-density .npy file zoomed to each image size).
         centerbias_template: .npy file for centerbias "template" (e.g. the released centerbias_mit1003.npy).
         centerbias_bandwidth: kde bandwidth as a fraction of the image height/width (MIT1003 fit by default).
         centerbias_eps: kde weight of the uniform component (MIT1003 fit by default).
@@ -92,7 +104,8 @@ class SaliencyDataModule(pl.LightningDataModule):
         synthetic_sizes: Sequence[tuple[int, int]] = ((256, 320), (320, 256)),
         synthetic_subjects: int = 8,
         initial_fixation: Optional[bool] = None,
-        split: Literal["holdout", "crossval"] = "holdout",
+        split: Literal["holdout", "crossval", "given"] = "holdout",
+        val_path: Optional[str] = None,
         val_images: int = 101,
         test_images: int = 0,
         fold: int = 0,
@@ -100,7 +113,7 @@ class SaliencyDataModule(pl.LightningDataModule):
         split_seed: int = 42,
         resize: Literal["native", "two_sizes", "max_side"] = "native",
         max_side: Optional[int] = None,
-        centerbias: Literal["kde", "uniform", "template"] = "kde",
+        centerbias: Literal["kde", "kde_crossval", "uniform", "template"] = "kde",
         centerbias_template: Optional[str] = None,
         centerbias_bandwidth: float = MIT1003_BANDWIDTH,
         centerbias_eps: float = MIT1003_EPS,
@@ -120,6 +133,7 @@ class SaliencyDataModule(pl.LightningDataModule):
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.summary: Optional[str] = None
         self._splits: dict[str, FixationDataset] = {}
+        self._dataset: Optional[FixationDataset] = None
         self._image_cache: Optional[SharedImageCache] = None
         self._centerbias: Optional[CenterbiasTensors] = None
         self._samples: dict[str, ImageSamples | FixationSamples] = {}
@@ -132,6 +146,12 @@ class SaliencyDataModule(pl.LightningDataModule):
             raise DataError("data.history 'real' needs targets 'fixation' (data.targets): every fixation has its own "
                             "history")
         reader_for(hp.source, self._source_settings())
+        if hp.split == "given":
+            if hp.val_path is None:
+                raise DataError("data.split 'given' needs data.val_path (the validation data, same format as path)")
+            if hp.centerbias == "kde_crossval":
+                raise DataError("data.centerbias 'kde_crossval' leaves each image of ONE dataset out; with split "
+                                "'given' use 'kde' (fitted on the training data)")
         if hp.resize == "max_side" and (hp.max_side is None or hp.max_side < 1):
             raise DataError("data.resize 'max_side' needs a positive data.max_side (pixels)")
         if hp.centerbias == "template" and hp.centerbias_template is None:
@@ -166,6 +186,10 @@ class SaliencyDataModule(pl.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Read, resize and split the data and build the centre bias once (idempotent)."""
+        if stage == "test" and test_split_is_validation(self.hparams):
+            raise DataError(f"deepgaze test would score the validation images that chose the checkpoint (split "
+                            f"{self.hparams.split}, test split = validation split): set data.test_images > 0 for a "
+                            "separate test split, or use `deepgaze validate`")
         self._setup_splits()
 
     def _source_settings(self) -> SourceSettings:
@@ -185,6 +209,14 @@ class SaliencyDataModule(pl.LightningDataModule):
             raise DataError(f"{dataset.source}: {err}") from err
         return {"train": train, "val": val, "test": test}
 
+    def _given_validation(self, first_image_id: int) -> FixationDataset:
+        """Split "given": the resized `val_path` dataset, its image ids numbered on from `first_image_id` (the
+        training data's image count), so that the caches keyed by image id keep both datasets apart."""
+        hp = self.hparams
+        native = read_source(hp.source, dataclasses.replace(self._source_settings(), path=hp.val_path))
+        dataset = native.resized(target_shapes(native.shapes, hp.resize, hp.max_side))
+        return dataclasses.replace(dataset, image_ids=dataset.image_ids + first_image_id)
+
     def _setup_splits(self) -> None:
         if self._splits:
             return
@@ -192,21 +224,34 @@ class SaliencyDataModule(pl.LightningDataModule):
         native = self._read_source()
         dataset = native.resized(target_shapes(native.shapes, hp.resize, hp.max_side))
         self._check_image_sizes(dataset)
-        targets = dataset.targets_per_image()
+        if hp.split == "given":
+            validation = self._given_validation(dataset.n_images)
+            self._check_image_sizes(validation)
+            parts = {"train": (dataset, np.arange(dataset.n_images)),
+                     "val": (validation, np.arange(validation.n_images)),
+                     "test": (validation, np.arange(validation.n_images))}
+            all_shapes = np.concatenate([dataset.shapes, validation.shapes])
+        else:
+            parts = {name: (dataset, indices) for name, indices in self._split_indices(dataset).items()}
+            all_shapes = dataset.shapes
         splits, empty = {}, {}
-        for name, indices in self._split_indices(dataset).items():
-            with_targets = indices[targets[indices] > 0]
+        for name, (source, indices) in parts.items():
+            with_targets = indices[source.targets_per_image()[indices] > 0]
             empty[name] = len(indices) - len(with_targets)
-            splits[name] = dataset.subset(with_targets)
+            splits[name] = source.subset(with_targets)
             if splits[name].n_images == 0:
-                raise DataError(f"{dataset.source}: the {name} split has no image with fixations; "
+                raise DataError(f"{source.source}: the {name} split has no image with fixations; "
                                 "expected a larger dataset or other split settings")
         self._splits = splits
-        self._image_cache = SharedImageCache(dataset.shapes, hp.image_cache_mb << 20)
+        self._dataset = dataset
+        self._image_cache = SharedImageCache(all_shapes, hp.image_cache_mb << 20)
         centerbias = self._centerbias_tensors()
         for split in splits.values():
             for shape in np.unique(split.shapes, axis=0):
                 centerbias(tuple(shape))
+            if centerbias.per_image:  # before loader workers start, so that they inherit them
+                for image_id, shape in zip(split.image_ids, split.shapes):
+                    centerbias.for_image(image_id, shape)
         self.summary = self._summary(native, dataset, empty)
         rank_zero_info(self.summary)
 
@@ -232,6 +277,8 @@ class SaliencyDataModule(pl.LightningDataModule):
         if hp.centerbias == "template":
             return TemplateCenterbias(hp.centerbias_template)
         self._setup_splits()
+        if hp.centerbias == "kde_crossval":
+            return CrossvalidatedBaselineCenterbias(self._dataset, hp.centerbias_bandwidth, hp.centerbias_eps)
         return BaselineCenterbias(self._splits["train"], hp.centerbias_bandwidth, hp.centerbias_eps)
 
     def _centerbias_tensors(self) -> CenterbiasTensors:

@@ -19,11 +19,14 @@ HistoryMode = Literal["none", "dummy", "real"]
 
 
 class CenterbiasTensors:
-    """Centre-bias log densities as (H,W) float32 tensors, computed once per shape from a centre-bias model."""
+    """Centre-bias log densities as (H,W) float32 tensors: per shape, or per image for a model with one centre bias
+    per image (`log_density_for_image`, the leave-one-image-out KDE), each computed once."""
 
     def __init__(self, model: CenterbiasModel):
         self.model = model
+        self.per_image = hasattr(model, "log_density_for_image")
         self._tensors: dict[tuple[int, int], torch.Tensor] = {}
+        self._images: dict[int, torch.Tensor] = {}
 
     def __call__(self, shape: Sequence[int]) -> torch.Tensor:
         """(H,W) float32 log density (nats) for `shape` (H, W)."""
@@ -31,6 +34,16 @@ class CenterbiasTensors:
         if key not in self._tensors:
             self._tensors[key] = torch.from_numpy(self.model.log_density(key).astype(np.float32))
         return self._tensors[key]
+
+    def for_image(self, image_id: int, shape: Sequence[int]) -> torch.Tensor:
+        """(H,W) float32 log density (nats) of the image `image_id` (its index in the source) of `shape` (H, W):
+        its own when the model has one per image, else the one of its shape."""
+        if not self.per_image:
+            return self(shape)
+        image_id = int(image_id)
+        if image_id not in self._images:
+            self._images[image_id] = torch.from_numpy(self.model.log_density_for_image(image_id).astype(np.float32))
+        return self._images[image_id]
 
 
 def history_slots(mode: HistoryMode, shape: Sequence[int], x_hist: Optional[np.ndarray] = None,
@@ -88,7 +101,7 @@ class _Samples(Dataset):
             x_hist, y_hist = history_slots(self.history, shape)
         return {
             "image": self._image(index),
-            "centerbias": self.centerbias(shape),
+            "centerbias": self.centerbias.for_image(self.dataset.image_ids[index], shape),
             "x_hist": x_hist,
             "y_hist": y_hist,
             "fix_x": torch.from_numpy(self.dataset.x[fixations].astype(np.float64)),

@@ -1,0 +1,224 @@
+"""Results of the cross-validated protocol: per-image metrics of one fold's test chunk, their pooling over folds,
+and the provenance every result file records.
+
+A fold's evaluation (`deepgaze test` of the fold's final model on the fold's test chunk) writes, through the
+`PerImageMetrics` callback, `metrics_per_image.csv` (the model) and `centerbias_per_image.csv` (the centre bias
+of the same fixations) with the columns of `COLUMNS`, and `provenance.json`. `pooled_report` reads every fold's
+files and writes the cross-validated report: every image scored once, by the one model that never saw it.
+
+Units: LL in nats per fixation, IG over the centre bias in bit per fixation; NSS, AUC, sAUC per fixation; CC,
+KLDiv, SIM per image against the gold-standard fixation map (empty where the evaluation did not compute them: with
+per-fixation targets only images with one target fixation have them, see `metrics.accumulator`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+
+import deepgaze_lit
+from deepgaze_lit.metrics.evaluation import CENTERBIAS, MODEL
+from deepgaze_lit.metrics.functional import LN2
+
+PER_IMAGE_FILE = "metrics_per_image.csv"
+CENTERBIAS_PER_IMAGE_FILE = "centerbias_per_image.csv"
+PROVENANCE_FILE = "provenance.json"
+REPORT_FILE = "crossval_report.json"
+REPORT_TABLE_FILE = "crossval_report.txt"
+
+METRICS = ("LL", "IG", "NSS", "AUC", "sAUC", "CC", "KLDiv", "SIM")
+"""Per-image metric columns, in order (units in the module docstring)."""
+PER_FIXATION_METRICS = ("LL", "IG", "NSS", "AUC", "sAUC")
+"""Metrics with one value per fixation: their per-fixation pooling weights each image by its fixations."""
+COLUMNS = ("image", "image_id", "fold", "fixations") + METRICS
+DATA_SETTINGS = ("source", "path", "val_path", "split", "fold", "folds", "resize", "max_side", "centerbias",
+                 "centerbias_template", "centerbias_bandwidth", "centerbias_eps", "history", "targets",
+                 "initial_fixation")
+"""The DataModule settings a result's provenance records (those it has)."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_provenance(path: str | Path) -> dict[str, str]:
+    """The checkpoint's path and content hash."""
+    return {"checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
+
+
+def _ratio(sums: torch.Tensor, counts: torch.Tensor) -> np.ndarray:
+    """sums / counts per image (float64), NaN where the count is 0."""
+    sums, counts = sums.double().cpu().numpy(), counts.double().cpu().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.where(counts > 0, counts, 1), np.nan)
+
+
+def per_image_values(metrics, centerbias) -> dict[str, np.ndarray]:
+    """(N,) arrays per column of `METRICS` (+ "fixations") from the states of two `SaliencyMetrics` updated with the
+    same batches: `metrics` (the density scored) and `centerbias` (the centre bias's, for IG)."""
+    count = metrics.fixation_count
+    values = {"fixations": count.double().cpu().numpy(),
+              "LL": _ratio(metrics.ll_nats_sum, count),
+              "IG": (_ratio(metrics.ll_nats_sum, count) - _ratio(centerbias.ll_nats_sum, count)) / LN2,
+              "NSS": _ratio(metrics.nss_sum, count), "AUC": _ratio(metrics.auc_sum, count)}
+    missing = np.full(len(count), np.nan)
+    values["sAUC"] = _ratio(metrics.sauc_sum, metrics.sauc_count) if hasattr(metrics, "sauc_sum") else missing
+    for column, state in (("CC", "cc_sum"), ("KLDiv", "kldiv_sum"), ("SIM", "sim_sum")):
+        values[column] = _ratio(getattr(metrics, state), metrics.map_count) if hasattr(metrics, state) else missing
+    return values
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Write per-image rows (dicts with the keys of `COLUMNS`) as CSV; NaN as an empty cell."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow([_cell(row[column]) for column in COLUMNS])
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Per-image rows of a CSV written by `write_rows` (numbers as float, NaN for empty cells)."""
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    parsed = []
+    for row in rows:
+        entry = {"image": row["image"], "image_id": int(row["image_id"]), "fold": int(row["fold"]),
+                 "fixations": float(row["fixations"])}
+        entry.update({metric: float(row[metric]) if row[metric] else math.nan for metric in METRICS})
+        parsed.append(entry)
+    return parsed
+
+
+class PerImageMetrics(L.Callback):
+    """After `deepgaze test`: the per-image metrics of the model and of the centre bias on the test split, and the
+    provenance, written into `output_dir` by rank 0 (the accumulators' states are summed over ranks first).
+
+    Args:
+        output_dir: folder of `metrics_per_image.csv`, `centerbias_per_image.csv` and `provenance.json`.
+        fold: the cross-validation fold whose test chunk is scored (the CSV's `fold` column).
+        checkpoint: the weights scored (recorded with their sha256).
+        component: the mixture component scored (released weights), or None.
+    """
+
+    def __init__(self, output_dir: str, fold: int, checkpoint: str, component: Optional[int] = None):
+        self.output_dir = Path(output_dir)
+        self.fold = fold
+        self.checkpoint = checkpoint
+        self.component = component
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        accumulators = pl_module.evaluation.accumulators
+        with accumulators[MODEL].sync_context(), accumulators[CENTERBIAS].sync_context():
+            model = per_image_values(accumulators[MODEL], accumulators[CENTERBIAS])
+            centerbias = per_image_values(accumulators[CENTERBIAS], accumulators[CENTERBIAS])
+        if not trainer.is_global_zero:
+            return
+        split = trainer.datamodule.split_dataset("test")
+        names = [Path(path).name for path in split.image_paths] if split.image_paths else None
+        for values, file_name in ((model, PER_IMAGE_FILE), (centerbias, CENTERBIAS_PER_IMAGE_FILE)):
+            rows = []
+            for index in range(split.n_images):
+                image_id = int(split.image_ids[index])
+                row = {"image": names[index] if names else f"image{image_id}", "image_id": image_id,
+                       "fold": self.fold, "fixations": int(values["fixations"][index])}
+                row.update({metric: float(values[metric][index]) for metric in METRICS})
+                rows.append(row)
+            write_rows(self.output_dir / file_name, rows)
+        hparams = trainer.datamodule.hparams
+        provenance = {
+            "package_version": deepgaze_lit.__version__,
+            **checkpoint_provenance(self.checkpoint),
+            "component": self.component,
+            "data": {key: hparams[key] for key in DATA_SETTINGS if key in hparams},
+            "test_images": split.n_images,
+            "image_sizes": sorted({tuple(int(side) for side in shape) for shape in split.shapes}),
+        }
+        (self.output_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+
+
+def _pool(rows: list[dict], folds: list[int]) -> dict[str, dict[str, Optional[float]]]:
+    """Per metric: mean over fixations (per-fixation metrics), mean over images, and the mean and standard error
+    over folds of each fold's per-image mean."""
+    fixations = np.array([row["fixations"] for row in rows])
+    pooled = {}
+    for metric in METRICS:
+        values = np.array([row[metric] for row in rows])
+        defined = ~np.isnan(values)
+        entry: dict[str, Optional[float]] = {"per_image": float(values[defined].mean()) if defined.any() else None,
+                                             "per_fixation": None}
+        if metric in PER_FIXATION_METRICS and defined.any():
+            entry["per_fixation"] = float((values * fixations)[defined].sum() / fixations[defined].sum())
+        fold_means = []
+        for fold in folds:
+            in_fold = defined & np.array([row["fold"] == fold for row in rows])
+            if in_fold.any():
+                fold_means.append(float(values[in_fold].mean()))
+        entry["fold_mean"] = float(np.mean(fold_means)) if fold_means else None
+        entry["fold_standard_error"] = (float(np.std(fold_means, ddof=1) / math.sqrt(len(fold_means)))
+                                        if len(fold_means) > 1 else None)
+        pooled[metric] = entry
+    return pooled
+
+
+def _table(report: dict) -> str:
+    lines = [["metric", "model per fix", "model per image", "model folds mean", "+- s.e.",
+              "centre bias per fix", "centre bias per image"]]
+
+    def number(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    for metric in METRICS:
+        model, centerbias = report["model"][metric], report["centerbias"][metric]
+        lines.append([metric, number(model["per_fixation"]), number(model["per_image"]), number(model["fold_mean"]),
+                      number(model["fold_standard_error"]), number(centerbias["per_fixation"]),
+                      number(centerbias["per_image"])])
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    text = "\n".join("  ".join([line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in
+                                                              zip(line[1:], widths[1:])]) for line in lines)
+    return (text + f"\n{report['images']} images ({report['fixations']:.0f} fixations) in {len(report['folds'])} "
+            "folds, each scored by the one fold model that never saw it\n")
+
+
+def pooled_report(fold_dirs: dict[int, Path], output_dir: Path) -> dict:
+    """Pool the fold evaluations in `fold_dirs` (fold -> folder written by `PerImageMetrics`) into `output_dir`:
+    `crossval_report.json` / `.txt` and `metrics_per_image.csv` of all images. Raises ValueError when an image
+    was scored by two folds."""
+    model_rows, centerbias_rows, provenance = [], [], {}
+    for fold, folder in sorted(fold_dirs.items()):
+        model_rows += read_rows(folder / PER_IMAGE_FILE)
+        centerbias_rows += read_rows(folder / CENTERBIAS_PER_IMAGE_FILE)
+        provenance[str(fold)] = json.loads((folder / PROVENANCE_FILE).read_text())
+    image_ids = [row["image_id"] for row in model_rows]
+    if len(set(image_ids)) != len(image_ids):
+        twice = sorted({image for image in image_ids if image_ids.count(image) > 1})
+        raise ValueError(f"images {twice[:8]} were scored by more than one fold: the folds' test chunks overlap")
+    folds = sorted(fold_dirs)
+    report = {"model": _pool(model_rows, folds), "centerbias": _pool(centerbias_rows, folds), "folds": folds,
+              "images": len(model_rows), "fixations": float(sum(row["fixations"] for row in model_rows)),
+              "package_version": deepgaze_lit.__version__, "provenance": provenance}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_rows(output_dir / PER_IMAGE_FILE, sorted(model_rows, key=lambda row: row["image_id"]))
+    (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (output_dir / REPORT_TABLE_FILE).write_text(_table(report))
+    return report
