@@ -14,11 +14,10 @@ per-fixation targets only images with one target fixation have them, see `metric
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import lightning as L
 import numpy as np
@@ -27,6 +26,8 @@ import torch
 import deepgaze_lit
 from deepgaze_lit.metrics.evaluation import CENTERBIAS, MODEL
 from deepgaze_lit.metrics.functional import LN2
+from deepgaze_lit.metrics.per_image import write_per_image_csv
+from deepgaze_lit.metrics.provenance import file_sha256
 
 PER_IMAGE_FILE = "metrics_per_image.csv"
 CENTERBIAS_PER_IMAGE_FILE = "centerbias_per_image.csv"
@@ -43,15 +44,6 @@ DATA_SETTINGS = ("source", "path", "val_path", "split", "fold", "folds", "resize
                  "centerbias_template", "centerbias_bandwidth", "centerbias_eps", "history", "targets",
                  "initial_fixation")
 """The DataModule settings a result's provenance records (those it has)."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_provenance(path: str | Path) -> dict[str, str]:
@@ -81,20 +73,9 @@ def per_image_values(metrics, centerbias) -> dict[str, np.ndarray]:
     return values
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
-    return str(value)
-
-
 def write_rows(path: Path, rows: list[dict]) -> None:
-    """Write per-image rows (dicts with the keys of `COLUMNS`) as CSV; NaN as an empty cell."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(COLUMNS)
-        for row in rows:
-            writer.writerow([_cell(row[column]) for column in COLUMNS])
+    """Write per-image rows (dicts with the keys of `COLUMNS`) as CSV in that column order; NaN as an empty cell."""
+    write_per_image_csv(path, [{column: row[column] for column in COLUMNS} for row in rows])
 
 
 def read_rows(path: Path) -> list[dict]:

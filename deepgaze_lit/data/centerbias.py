@@ -81,29 +81,19 @@ class BaselineCenterbias:
         return self._cache[key]
 
 
-class CrossvalidatedBaselineCenterbias:
+class CrossvalidatedBaselineCenterbias(BaselineCenterbias):
     """pysaliency `CrossvalidatedBaselineModel`: for image i, the KDE of all other images' fixations.
 
     Used as the training and evaluation centre bias of the DeepGaze III protocol (`data.centerbias` "kde_crossval":
     the KDE of ALL the dataset's fixations, each image's own left out) and to evaluate the centre bias itself
     without fitting to the test image. `log_density(shape)` (no image left out) serves images outside the dataset
-    (prediction).
+    (prediction), cached per shape.
     """
 
     def __init__(self, dataset: FixationDataset, bandwidth: float = MIT1003_BANDWIDTH, eps: float = MIT1003_EPS):
+        super().__init__(dataset, bandwidth, eps)
         self.dataset = dataset
-        self.bandwidth = bandwidth
-        self.eps = eps
-        self.x_rel, self.y_rel = _relative_targets(dataset)
         self.image = dataset.n[dataset.is_target]
-        self._cache: dict[tuple[int, int], np.ndarray] = {}
-
-    def log_density(self, shape: tuple[int, int]) -> np.ndarray:
-        """(H,W) float64 log density (nats) from all fixations, cached per shape."""
-        key = (int(shape[0]), int(shape[1]))
-        if key not in self._cache:
-            self._cache[key] = _kde_log_density(self.x_rel, self.y_rel, key, self.bandwidth, self.eps)
-        return self._cache[key]
 
     def log_density_for_image(self, index: int) -> np.ndarray:
         """(H,W) float64 log density (nats) at image `index`'s shape, leaving that image's fixations out."""
