@@ -167,7 +167,7 @@ def test_export_round_trips_through_from_release(trained_experiment, tmp_path, c
 def test_export_of_a_ten_component_model_has_the_release_layout(tmp_path):
     """Keys, shapes and dtypes of the exported file equal the released deepgaze3.pth's (tests/data/*.tsv)."""
     module = DeepGazeModule(num_components=10, scanpath=True, backbone_weights="none")
-    checkpoint = {"state_dict": module.state_dict(),
+    checkpoint = {"state_dict": module.state_dict(), "global_step": 0,
                   "hyper_parameters": {"num_components": 10, "scanpath": True, "backbone_weights": "none",
                                        "downsample": 2.0}}
     module.on_save_checkpoint(checkpoint)

@@ -20,7 +20,8 @@ from deepgaze_lit.metrics.provenance import file_sha256
 from deepgaze_lit.model.checkpoint import CheckpointMismatchError
 from deepgaze_lit.module import DeepGazeModule
 
-SHIPPED_CONFIGS = sorted((REPOSITORY / "configs").glob("*.yaml"))
+SHIPPED_CONFIGS = sorted(path for path in (REPOSITORY / "configs").glob("*.yaml")
+                         if path.name != "deepgaze3_protocol.yaml")  # `deepgaze protocol`'s, tested in test_protocol
 STEPS_PER_EPOCH = TINY_TRAIN_IMAGES // TINY_BATCH_SIZE
 
 
@@ -105,7 +106,7 @@ def test_validate_and_test_from_the_checkpoint_write_a_report(trained_experiment
     data = provenance["data"]
     assert data["source"] == "synthetic" and data["synthetic_images"] == 12
     assert data["split"] == {"name": "val" if subcommand == "validate" else "test", "kind": "holdout", "images": 4,
-                             "seed": 42, "val_images": 4, "test_images": 0}
+                             "seed": 42, "val_images": 4, "test_images": 4 if subcommand == "test" else 0}
     assert data["resize"] == {"policy": "native", "max_side": None, "sizes": [[128, 192]]}
     assert data["centerbias"]["kind"] == "kde" and data["centerbias"]["fitted_on"] == "train"
     with open(run_dir / "metrics_per_image.csv", newline="") as file:

@@ -158,8 +158,8 @@ def test_validate_then_fit_then_test_in_one_process():
     (validation under no_grad) works."""
     from deepgaze_lit.data.datamodule import SaliencyDataModule
 
-    data = SaliencyDataModule(synthetic_images=6, synthetic_sizes=[[64, 64]], val_images=2, batch_size=2,
-                              image_cache_mb=0)
+    data = SaliencyDataModule(synthetic_images=8, synthetic_sizes=[[64, 64]], val_images=2, test_images=2,
+                              batch_size=2, image_cache_mb=0)
     module = DeepGazeModule(num_components=1, scanpath=False, backbone_weights="none")
     options = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
