@@ -33,7 +33,7 @@ def test_preempted_and_killed_runs_end_bit_identical_to_an_uninterrupted_run(tmp
     bin_dir, scontrol_log = fake_scontrol(tmp_path)
     env = base_env(bin_dir)
     last = checkpoint_dir(tmp_path, "resumed") / "last.ckpt"
-    preempted, killed, finished = [0] * processes, [-signal.SIGKILL] * processes, [0] * processes
+    preempted, killed, finished = [128 + signal.SIGUSR1] * processes, [-signal.SIGKILL] * processes, [0] * processes
     plan = [  # workers, fault (signal, at global step), exit codes, saved (global step, loader epoch, batches done)
         (0, (signal.SIGUSR1, 1), preempted, (2, 0, 2)),
         (2, (signal.SIGKILL, steps), killed, (steps, 0, steps)),
