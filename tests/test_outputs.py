@@ -235,3 +235,21 @@ def test_memory_stays_flat_as_the_folder_grows(tmp_path):
     one_image = 200 * 300 * 8
     small, large = peak_bytes(10), peak_bytes(40)
     assert small > one_image and large < small + one_image
+
+
+def test_hdf5_file_is_closed_and_complete_between_images(tmp_path):
+    """Each image's dataset is on disk, readable by another reader, before the next image is predicted."""
+    source = write_tree(tmp_path / "images")
+    path = tmp_path / "out" / HDF5_FILE_NAME
+    seen_by_reader = []
+
+    class ReadingPredictor(UniformPredictor):
+        def log_density(self, image, x_hist=None, y_hist=None, source="image"):
+            with h5py.File(path, "r") as file:
+                names: list[str] = []
+                file.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+                seen_by_reader.append(sorted(names))
+            return super().log_density(image)
+
+    write_predictions(ReadingPredictor(), source, make_writers(tmp_path / "out", ["hdf5"]))
+    assert seen_by_reader == [[], ["a/x.jpg"], ["a/x.jpg", "b/x.jpg"]]

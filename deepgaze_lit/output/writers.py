@@ -3,8 +3,8 @@
 Every writer has `destination` (its folder or file), `output_path(image)`, `open(overwrite)`, `is_done(image)`,
 `write(image, pixels, log_density)` and `close()`. Files are written to a hidden `.<name>.partial` beside the
 target and renamed into place, so an existing output is complete; `open` removes partials an interrupted run left.
-HDF5 datasets are written under a `.partial` name and renamed once written, and flushed, so a dataset that exists
-under its own name is complete and an interrupted file is continued in append mode.
+HDF5 datasets are written under a `.partial` name and renamed once written, with the file closed after each, so a
+dataset that exists under its own name is complete and an interrupted file is continued in append mode.
 
 Formats (`make_writers` lays them out under one output folder):
 - `npy`: `npy/<relative folder>/<stem>.npy`, float32 (H,W) log density in nats at the image's size.
@@ -155,49 +155,66 @@ class HDF5Writer:
     """All log densities in one HDF5 file in pysaliency's `export_model_to_hdf5` layout (see the module doc).
 
     `open(overwrite=True)` starts a new file (as pysaliency's export with overwrite); otherwise an existing file
-    is continued and its complete datasets count as done.
+    is continued and its complete datasets count as done. The file is open only while one dataset is written:
+    between images it is closed, so it is complete on disk, and HDF5's caches of it are freed. (Held open for a
+    whole folder, those small, long-lived allocations landed in the holes that each image's large arrays left,
+    and the resident memory of a prediction run grew by about one image's arrays per image.)
     """
 
     def __init__(self, path: str | Path, compression_level: int = HDF5_COMPRESSION_LEVEL):
         self.destination = Path(path)
         self.compression_level = compression_level
-        self._file: Optional[h5py.File] = None
+        self._done: Optional[set[str]] = None
 
     def output_path(self, image: InputImage) -> Path:
         return self.destination
 
     def open(self, overwrite: bool) -> None:
+        """Create or continue the file (DataError when it cannot be written or read), remove datasets an
+        interrupted run left partial, and note the complete ones."""
         ensure_writable_folder(self.destination.parent)
+        partials: list[str] = []
+        done: set[str] = set()
+
+        def note(name: str, item) -> None:
+            if isinstance(item, h5py.Dataset):
+                if name.endswith(PARTIAL_SUFFIX):
+                    partials.append(name)
+                else:
+                    done.add(name)
+
+        with self._opened("w" if overwrite else "a") as file:
+            file.visititems(note)
+            for name in partials:
+                del file[name]
+        self._done = done
+
+    def is_done(self, image: InputImage) -> bool:
+        return image.key in self._require_open()
+
+    def write(self, image: InputImage, pixels: np.ndarray, log_density: np.ndarray) -> None:
+        done = self._require_open()
+        partial = image.key + PARTIAL_SUFFIX
+        with self._opened("a") as file:
+            file.create_dataset(partial, data=log_density.astype(np.float32), compression="gzip",
+                                compression_opts=self.compression_level)
+            file.move(partial, image.key)
+        done.add(image.key)
+
+    def close(self) -> None:
+        self._done = None
+
+    def _opened(self, mode: str) -> h5py.File:
         try:
-            self._file = h5py.File(self.destination, "w" if overwrite else "a")
+            return h5py.File(self.destination, mode)
         except OSError as err:
             raise DataError(f"{self.destination}: cannot open as an HDF5 file to write ({err}); "
                             "remove it or choose another output folder") from err
-        partials: list[str] = []
-        self._file.visit(lambda name: partials.append(name) if name.endswith(PARTIAL_SUFFIX) else None)
-        for name in partials:
-            del self._file[name]
 
-    def is_done(self, image: InputImage) -> bool:
-        return isinstance(self._require_open().get(image.key), h5py.Dataset)
-
-    def write(self, image: InputImage, pixels: np.ndarray, log_density: np.ndarray) -> None:
-        file = self._require_open()
-        partial = image.key + PARTIAL_SUFFIX
-        file.create_dataset(partial, data=log_density.astype(np.float32), compression="gzip",
-                            compression_opts=self.compression_level)
-        file.move(partial, image.key)
-        file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def _require_open(self) -> h5py.File:
-        if self._file is None:
+    def _require_open(self) -> set[str]:
+        if self._done is None:
             raise RuntimeError(f"{self.destination}: call open() before writing")
-        return self._file
+        return self._done
 
 
 def make_writers(output_dir: str | Path, formats: Sequence[str], keep_extension: bool = False) -> list:
