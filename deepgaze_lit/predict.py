@@ -5,8 +5,8 @@ of images, resumable), not Lightning's predict loop: nothing in it needs a Train
 share one HDF5 file.
 
 Safe defaults, each printed when the run starts:
-- Input size: `data.resize` / `data.max_side` when set to another policy than the DataModule's default
-  ("native"); else the data settings the checkpoint was trained with (saved with it by `deepgaze fit`); else
+- Input size: `data.resize` / `data.max_side` when `data.resize` is set (any policy, "native" included); else the
+  data settings the checkpoint was trained with (saved with it by `deepgaze fit`); else
   MIT1003's two sizes (768x1024 / 1024x768, as the released model was trained). Every density is resized back to
   its file's size.
 - Centre bias: `data.centerbias` "uniform", or "template" (e.g. the released centerbias_mit1003.npy); "kde" is fitted
@@ -16,7 +16,6 @@ Safe defaults, each printed when the run starts:
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -31,8 +30,6 @@ from deepgaze_lit.model import DeepGazeIII
 from deepgaze_lit.model.checkpoint import read_training_checkpoint
 from deepgaze_lit.output import PredictionJob, WriteSummary, make_writers
 
-DEFAULT_RESIZE = inspect.signature(SaliencyDataModule).parameters["resize"].default
-"""The DataModule's own resize default: a `data.resize` equal to it counts as not chosen for prediction."""
 RELEASE_RESIZE: ResizePolicy = "two_sizes"
 """Input-size policy without any other information: MIT1003's two sizes, at which the release was trained."""
 CHECKPOINT_DATA_KEY = "datamodule_hyper_parameters"
@@ -70,11 +67,11 @@ class CenterbiasChoice:
         return f"centre bias {self.kind} ({self.source})"
 
 
-def choose_input_size(data_settings: Mapping[str, Any], trained_settings: Optional[Mapping[str, Any]]) -> InputSize:
-    """The input size: the configured `data_settings` ("resize", "max_side") when resize is not the DataModule's
-    default, else `trained_settings` (the checkpoint's data settings, None when unknown), else MIT1003's two
-    sizes."""
-    if data_settings["resize"] != DEFAULT_RESIZE:
+def choose_input_size(data: SaliencyDataModule, trained_settings: Optional[Mapping[str, Any]]) -> InputSize:
+    """The input size: the configured `data.hparams` ("resize", "max_side") when `data.resize` was set, else
+    `trained_settings` (the checkpoint's data settings, None when unknown), else MIT1003's two sizes."""
+    data_settings = data.hparams
+    if data.resize_configured:
         size = InputSize(data_settings["resize"], data_settings.get("max_side"), "as configured (data.resize)")
     elif trained_settings is not None and "resize" in trained_settings:
         size = InputSize(trained_settings["resize"], trained_settings.get("max_side"),
@@ -122,7 +119,7 @@ def run_prediction(network: DeepGazeIII, data: SaliencyDataModule, source: str |
     centre bias are used and, at the end, what was written, skipped and not readable.
     """
     with PredictionJob(source, make_writers(output_dir, formats, keep_extension), overwrite) as job:
-        size = choose_input_size(data.hparams, trained_settings)
+        size = choose_input_size(data, trained_settings)
         centerbias = choose_centerbias(data)
         report(f"deepgaze predict: {size.describe()}")
         report(f"deepgaze predict: {centerbias.describe()}")

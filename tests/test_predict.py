@@ -14,6 +14,7 @@ from conftest import run_cli, tiny_config, write_config
 from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.model import DeepGazeIII
 from deepgaze_lit.output.writers import HDF5_FILE_NAME
+from deepgaze_lit.predict import choose_input_size
 from deepgaze_lit.rendering import density_overlay, heat_colours
 
 TREE = {  # relative path -> (height, width, Pillow mode)
@@ -89,6 +90,21 @@ def test_predict_input_size_follows_the_configuration_over_the_checkpoint(traine
                        "--output_dir", str(tmp_path / "out"), "--formats", "[npy]"], tmp_path)
     assert "input size max_side (longer side at most 96 pixels), as configured (data.resize)" in printed
     assert np.load(tmp_path / "out" / "npy" / "x.npy").shape == TREE["a/x.jpg"][:2]
+
+
+@pytest.mark.parametrize("configured, expected", [
+    ({}, ("max_side", 80, "as the checkpoint was trained (its data settings)")),
+    ({"resize": "native"}, ("native", None, "as configured (data.resize)")),
+    ({"resize": "two_sizes"}, ("two_sizes", None, "as configured (data.resize)")),
+])
+def test_an_explicit_data_resize_native_is_not_mistaken_for_unset(configured, expected):
+    trained = {"resize": "max_side", "max_side": 80}
+    data = SaliencyDataModule(**configured)
+    assert data.hparams.resize == configured.get("resize", "native")
+    size = choose_input_size(data, trained)
+    assert (size.resize, size.max_side, size.reason) == expected
+    unset_and_untrained = choose_input_size(SaliencyDataModule(), None)
+    assert (unset_and_untrained.resize, unset_and_untrained.max_side) == ("two_sizes", None)
 
 
 def test_predict_with_released_weights_matches_the_network(tmp_path):

@@ -68,6 +68,8 @@ class SaliencyDataModule(pl.LightningDataModule):
         split_seed: holdout: seed of the shuffle (crossval always uses pysaliency's seed 42).
         resize: "native" sizes; "two_sizes" (768x1024 landscape, 1024x768 otherwise, as DeepGaze training);
             "max_side" (scale down so the longer side is at most `max_side` pixels). Fixations follow the image.
+            Unset (None) is "native" (`hparams.resize` then says "native", `resize_configured` is False), except
+            that `deepgaze predict` then uses the size the checkpoint was trained at.
         max_side: longest image side in pixels for resize "max_side".
         centerbias: "kde" (pysaliency BaselineModel of the TRAINING fixations), "kde_crossval" (pysaliency
             CrossvalidatedBaselineModel, the DeepGaze III protocol's: each image's own bias is the KDE of ALL the
@@ -111,7 +113,7 @@ class SaliencyDataModule(pl.LightningDataModule):
         fold: int = 0,
         folds: int = 10,
         split_seed: int = 42,
-        resize: Literal["native", "two_sizes", "max_side"] = "native",
+        resize: Optional[Literal["native", "two_sizes", "max_side"]] = None,
         max_side: Optional[int] = None,
         centerbias: Literal["kde", "kde_crossval", "uniform", "template"] = "kde",
         centerbias_template: Optional[str] = None,
@@ -129,6 +131,9 @@ class SaliencyDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.resize_configured = resize is not None
+        """Whether `resize` was given (an unset resize is "native" here, the trained size in `deepgaze predict`)."""
+        self.hparams.resize = resize or "native"
         self._check_settings()
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.summary: Optional[str] = None
