@@ -28,7 +28,6 @@ from typing import Any, Literal, Optional
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -238,8 +237,7 @@ class DeepGazeCLI(LightningCLI):
         if self.subcommand == "predict" and logger is None:
             logger = False
         elif logger in (None, True):
-            tensorboard = experiment.tensorboard_logger()
-            logger = [tensorboard, CSVLogger(tensorboard.save_dir, tensorboard.name, tensorboard.version)]
+            logger = experiment.loggers()
         if self.subcommand == "fit":
             last = str(experiment.checkpoints.last)
             callbacks += [PreemptionCheckpoint(last, self.stop_signals), FiniteLossGuard(last)]

@@ -8,6 +8,7 @@ Every run of an experiment shares one folder `<experiments_root>/<experiment>/`:
                         <name>.ckpt.tmp  a checkpoint being written (left behind only by a killed process)
     checkpoints.<n>/    checkpoints of an earlier run, set aside (n = 1, 2, ...: higher numbers are more recent)
     logs/version_N/     TensorBoard event files, the run's config and evaluation reports
+    logs/version_N/csv/ metrics.csv, the same logged history as CSV
     predictions/        `deepgaze predict` output (unless --output_dir says otherwise)
 
 `ExperimentDir` names the parts; `CheckpointFolder` holds the rules: which checkpoint is the newest, how an earlier
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from deepgaze_lit.model.checkpoint import read_training_checkpoint
@@ -35,6 +36,8 @@ PERIODIC_FILENAME = "epoch{epoch:03d}"
 """ModelCheckpoint file name template of the periodic checkpoints (suffix added by Lightning)."""
 CHECKPOINTS_FOLDER = "checkpoints"
 LOGS_FOLDER = "logs"
+CSV_LOG_FOLDER = "csv"
+"""Sub-folder of a run's log folder for the CSV history (Lightning's CSVLogger warns when its folder has other files)."""
 PREDICTIONS_FOLDER = "predictions"
 
 
@@ -168,9 +171,11 @@ class ExperimentDir:
         self.path = Path(root) / name
         self.checkpoints = CheckpointFolder(self.path / CHECKPOINTS_FOLDER)
 
-    def tensorboard_logger(self) -> TensorBoardLogger:
-        """The logger writing `logs/version_N/` (a new version per run)."""
-        return TensorBoardLogger(save_dir=str(self.path), name=LOGS_FOLDER)
+    def loggers(self) -> list[Logger]:
+        """The run's loggers: TensorBoard writing `logs/version_N/` (a new version per run) and the same history
+        as CSV in `logs/version_N/csv/metrics.csv`."""
+        tensorboard = TensorBoardLogger(save_dir=str(self.path), name=LOGS_FOLDER)
+        return [tensorboard, CSVLogger(tensorboard.log_dir, name="", version=CSV_LOG_FOLDER)]
 
     @property
     def predictions(self) -> Path:

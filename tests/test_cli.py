@@ -57,7 +57,7 @@ def test_fit_logs_scalars_and_a_validation_panel_every_epoch(trained_experiment)
 
 
 def test_fit_writes_its_history_as_csv_beside_tensorboard(trained_experiment):
-    with open(trained_experiment.directory / "logs" / "version_0" / "metrics.csv", newline="") as file:
+    with open(trained_experiment.directory / "logs" / "version_0" / "csv" / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     epoch_losses = [float(row["train/loss_epoch"]) for row in rows if row["train/loss_epoch"]]
     accumulator = events(trained_experiment.directory / "logs" / "version_0")
