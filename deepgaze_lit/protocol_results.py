@@ -21,12 +21,10 @@ from typing import Optional
 
 import lightning as L
 import numpy as np
-import torch
 
 import deepgaze_lit
 from deepgaze_lit.metrics.evaluation import CENTERBIAS, MODEL
-from deepgaze_lit.metrics.functional import LN2
-from deepgaze_lit.metrics.per_image import write_per_image_csv
+from deepgaze_lit.metrics.per_image import per_image_rows, write_per_image_csv
 from deepgaze_lit.metrics.provenance import file_sha256
 
 PER_IMAGE_FILE = "metrics_per_image.csv"
@@ -51,26 +49,16 @@ def checkpoint_provenance(path: str | Path) -> dict[str, str]:
     return {"checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
 
 
-def _ratio(sums: torch.Tensor, counts: torch.Tensor) -> np.ndarray:
-    """sums / counts per image (float64), NaN where the count is 0."""
-    sums, counts = sums.double().cpu().numpy(), counts.double().cpu().numpy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.where(counts > 0, counts, 1), np.nan)
+CATALOGUE_NAMES = {"LL": "ll_nats", "IG": "ig_centerbias_bits", "NSS": "nss", "AUC": "auc", "sAUC": "sauc",
+                   "CC": "cc", "KLDiv": "kldiv", "SIM": "sim"}
+"""The metric catalogue's name (`metrics.per_image` columns) of each of `METRICS`."""
 
 
-def per_image_values(metrics, centerbias) -> dict[str, np.ndarray]:
-    """(N,) arrays per column of `METRICS` (+ "fixations") from the states of two `SaliencyMetrics` updated with the
-    same batches: `metrics` (the density scored) and `centerbias` (the centre bias's, for IG)."""
-    count = metrics.fixation_count
-    values = {"fixations": count.double().cpu().numpy(),
-              "LL": _ratio(metrics.ll_nats_sum, count),
-              "IG": (_ratio(metrics.ll_nats_sum, count) - _ratio(centerbias.ll_nats_sum, count)) / LN2,
-              "NSS": _ratio(metrics.nss_sum, count), "AUC": _ratio(metrics.auc_sum, count)}
-    missing = np.full(len(count), np.nan)
-    values["sAUC"] = _ratio(metrics.sauc_sum, metrics.sauc_count) if hasattr(metrics, "sauc_sum") else missing
-    for column, state in (("CC", "cc_sum"), ("KLDiv", "kldiv_sum"), ("SIM", "sim_sum")):
-        values[column] = _ratio(getattr(metrics, state), metrics.map_count) if hasattr(metrics, state) else missing
-    return values
+def fold_rows(per_image: list[dict], fold: int) -> list[dict]:
+    """Rows with the protocol's `COLUMNS` from `metrics.per_image.per_image_rows` of one fold's test chunk; a metric
+    the evaluation did not compute is NaN."""
+    return [{"image": row["image"], "image_id": row["image_id"], "fold": fold, "fixations": row["fixations"],
+             **{metric: row.get(name, math.nan) for metric, name in CATALOGUE_NAMES.items()}} for row in per_image]
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -110,22 +98,16 @@ class PerImageMetrics(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         accumulators = pl_module.evaluation.accumulators
-        with accumulators[MODEL].sync_context(), accumulators[CENTERBIAS].sync_context():
-            model = per_image_values(accumulators[MODEL], accumulators[CENTERBIAS])
-            centerbias = per_image_values(accumulators[CENTERBIAS], accumulators[CENTERBIAS])
+        model = accumulators[MODEL].per_image()  # collective: every rank
+        centerbias = accumulators[CENTERBIAS].per_image()
         if not trainer.is_global_zero:
             return
         split = trainer.datamodule.split_dataset("test")
-        names = [Path(path).name for path in split.image_paths] if split.image_paths else None
-        for values, file_name in ((model, PER_IMAGE_FILE), (centerbias, CENTERBIAS_PER_IMAGE_FILE)):
-            rows = []
-            for index in range(split.n_images):
-                image_id = int(split.image_ids[index])
-                row = {"image": names[index] if names else f"image{image_id}", "image_id": image_id,
-                       "fold": self.fold, "fixations": int(values["fixations"][index])}
-                row.update({metric: float(values[metric][index]) for metric in METRICS})
-                rows.append(row)
-            write_rows(self.output_dir / file_name, rows)
+        names = ([Path(path).name for path in split.image_paths] if split.image_paths
+                 else [f"image{int(image_id)}" for image_id in split.image_ids])
+        for density, file_name in ((model, PER_IMAGE_FILE), (centerbias, CENTERBIAS_PER_IMAGE_FILE)):
+            rows = per_image_rows(density, centerbias, names, split.image_ids)
+            write_rows(self.output_dir / file_name, fold_rows(rows, self.fold))
         hparams = trainer.datamodule.hparams
         provenance = {
             "package_version": deepgaze_lit.__version__,
