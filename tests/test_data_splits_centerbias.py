@@ -1,6 +1,7 @@
 """Splits equal pysaliency's, the centre bias equals pysaliency's BaselineModel, resized fixations follow the image."""
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from scipy.special import logsumexp
 from deepgaze_lit.data import (BaselineCenterbias, CrossvalidatedBaselineCenterbias, DataError, FixationDataset,
                                TemplateCenterbias, UniformCenterbias, centerbias_log_density, crossval_split,
                                holdout_split, make_synthetic, target_shape)
+from deepgaze_lit.data.centerbias import SHAPE_CACHE_SIZE
 from deepgaze_lit.data.resize import resize_image
 
 DATA = Path(__file__).parent / "data"
@@ -113,6 +115,21 @@ def test_uniform_and_template_centerbias(tmp_path):
     assert logsumexp(zoomed) == pytest.approx(0, abs=1e-12)
     expected = np.kron(np.array([[1.0, 2.0], [3.0, 4.0]]), np.ones((2, 3)))
     np.testing.assert_allclose(np.exp(zoomed), expected / expected.sum())
+
+
+def test_centerbias_models_keep_only_the_last_shapes_asked_for(tmp_path, centerbias_case):
+    """Prediction over a folder of many sizes: the per-shape results are bounded, and a shape asked for again after
+    it was dropped gives the same values."""
+    np.save(tmp_path / "cb.npy", np.log(np.array([[1.0, 2.0], [3.0, 4.0]]) / 10))
+    _, dataset = centerbias_case
+    for model in (TemplateCenterbias(tmp_path / "cb.npy"), BaselineCenterbias(dataset)):
+        first = model.log_density((20, 30)).copy()
+        for height in range(21, 21 + 2 * SHAPE_CACHE_SIZE):
+            model.log_density((height, 30))
+            assert len(model.cache) <= SHAPE_CACHE_SIZE
+        assert len(model.cache) == SHAPE_CACHE_SIZE
+        np.testing.assert_array_equal(model.log_density((20, 30)), first)
+        assert pickle.loads(pickle.dumps(model)).log_density((20, 30)).shape == (20, 30)
 
 
 def test_template_errors(tmp_path):

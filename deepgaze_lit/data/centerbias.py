@@ -1,12 +1,14 @@
 """Centre-bias log densities (nats, per pixel, logsumexp = 0): pysaliency's BaselineModel, a template, uniform.
 
-Every model here has `log_density(shape) -> (H,W) float64` and caches its result per image shape.
+Every model here has `log_density(shape) -> (H,W) float64` and keeps its results for the last few image shapes
+(`ShapeCache`), so prediction over a folder of many image sizes stays bounded in memory.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
@@ -19,6 +21,31 @@ MIT1003_BANDWIDTH = 10 ** -1.6667673342543432
 """KDE bandwidth fitted on MIT1003, as a fraction of the image height (rows) and width (columns)."""
 MIT1003_EPS = 10 ** -14.884189168516073
 """Weight of the uniform component mixed into the KDE, fitted on MIT1003."""
+
+
+SHAPE_CACHE_SIZE = 8
+"""Image shapes whose centre bias a model keeps (the least recently used is dropped first)."""
+
+
+class ShapeCache:
+    """`compute(shape)` for (H, W) shapes, keeping the results of the last `SHAPE_CACHE_SIZE` shapes asked for."""
+
+    def __init__(self, compute: Callable[[tuple[int, int]], np.ndarray]):
+        self.compute = compute
+        self._results: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def __call__(self, shape: tuple[int, int]) -> np.ndarray:
+        key = (int(shape[0]), int(shape[1]))
+        if key in self._results:
+            self._results.move_to_end(key)
+        else:
+            self._results[key] = self.compute(key)
+            if len(self._results) > SHAPE_CACHE_SIZE:
+                self._results.popitem(last=False)
+        return self._results[key]
+
+    def __len__(self) -> int:
+        return len(self._results)
 
 
 class CenterbiasModel(Protocol):
@@ -65,20 +92,20 @@ def centerbias_log_density(dataset: FixationDataset, shape: tuple[int, int], ban
 
 
 class BaselineCenterbias:
-    """pysaliency `BaselineModel` from a (training) dataset, cached per shape; see `centerbias_log_density`."""
+    """pysaliency `BaselineModel` from a (training) dataset; see `centerbias_log_density`."""
 
     def __init__(self, dataset: FixationDataset, bandwidth: float = MIT1003_BANDWIDTH, eps: float = MIT1003_EPS):
         self.x_rel, self.y_rel = _relative_targets(dataset)
         self.bandwidth = bandwidth
         self.eps = eps
-        self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self.cache = ShapeCache(self._kde)
 
     def log_density(self, shape: tuple[int, int]) -> np.ndarray:
         """(H,W) float64 log density in nats."""
-        key = (int(shape[0]), int(shape[1]))
-        if key not in self._cache:
-            self._cache[key] = _kde_log_density(self.x_rel, self.y_rel, key, self.bandwidth, self.eps)
-        return self._cache[key]
+        return self.cache(shape)
+
+    def _kde(self, shape: tuple[int, int]) -> np.ndarray:
+        return _kde_log_density(self.x_rel, self.y_rel, shape, self.bandwidth, self.eps)
 
 
 class CrossvalidatedBaselineCenterbias(BaselineCenterbias):
@@ -87,7 +114,7 @@ class CrossvalidatedBaselineCenterbias(BaselineCenterbias):
     Used as the training and evaluation centre bias of the DeepGaze III protocol (`data.centerbias` "kde_crossval":
     the KDE of ALL the dataset's fixations, each image's own left out) and to evaluate the centre bias itself
     without fitting to the test image. `log_density(shape)` (no image left out) serves images outside the dataset
-    (prediction), cached per shape.
+    (prediction).
     """
 
     def __init__(self, dataset: FixationDataset, bandwidth: float = MIT1003_BANDWIDTH, eps: float = MIT1003_EPS):
@@ -141,15 +168,15 @@ class TemplateCenterbias:
             raise DataError(f"{path}: centre-bias template contains NaN or infinite values; expected log densities")
         self.path = path
         self.template = template.astype(np.float64)
-        self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self.cache = ShapeCache(self._zoomed)
 
     def log_density(self, shape: tuple[int, int]) -> np.ndarray:
         """(H,W) float64 log density in nats."""
-        key = (int(shape[0]), int(shape[1]))
-        if key not in self._cache:
-            factors = (key[0] / self.template.shape[0], key[1] / self.template.shape[1])
-            zoomed = zoom(self.template, factors, order=0, mode="nearest")
-            if zoomed.shape != key:
-                raise ValueError(f"{self.path}: zoomed template to {zoomed.shape}, expected {key}")
-            self._cache[key] = zoomed - logsumexp(zoomed)
-        return self._cache[key]
+        return self.cache(shape)
+
+    def _zoomed(self, shape: tuple[int, int]) -> np.ndarray:
+        factors = (shape[0] / self.template.shape[0], shape[1] / self.template.shape[1])
+        zoomed = zoom(self.template, factors, order=0, mode="nearest")
+        if zoomed.shape != shape:
+            raise ValueError(f"{self.path}: zoomed template to {zoomed.shape}, expected {shape}")
+        return zoomed - logsumexp(zoomed)
