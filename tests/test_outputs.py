@@ -206,6 +206,15 @@ def test_an_unreadable_image_is_skipped_with_one_warning_and_counted(predictor, 
     assert sorted(output_files(tmp_path / "out" / "npy")) == ["a/x.npy", "x.npy"]
 
 
+def test_an_image_over_pillows_pixel_limit_is_skipped_naming_the_limit(predictor, tmp_path, monkeypatch, caplog):
+    source = write_tree(tmp_path / "images")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 130 // 2 - 1)  # a/x.jpg is over twice the limit
+    with caplog.at_level(logging.WARNING):
+        summary = write_predictions(predictor, source, make_writers(tmp_path / "out", ["npy"]))
+    assert summary.failed == [str(source / "a" / "x.jpg")] and summary.written == 2
+    assert "MAX_IMAGE_PIXELS" in caplog.text and "downscale it" in caplog.text
+
+
 def test_unknown_formats_are_refused(tmp_path):
     with pytest.raises(DataError, match="expected one or more of npy, hdf5, saliency, overlay"):
         make_writers(tmp_path, ["npy", "jpeg"])

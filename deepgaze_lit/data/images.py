@@ -40,6 +40,9 @@ def open_image(path: str | Path, failure: str) -> Iterator[Image.Image]:
             yield image
     except FileNotFoundError as err:
         raise DataError(f"{path}: image file not found") from err
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: {failure}: {err} (Pillow refuses images over PIL.Image.MAX_IMAGE_PIXELS * 2 "
+                        "pixels); downscale it, or raise that limit if the file is trusted") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: {failure} ({err}); "
                         "expected a readable image file such as JPEG or PNG") from err
