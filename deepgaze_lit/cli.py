@@ -36,7 +36,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from deepgaze_lit.callbacks import AtomicCheckpointIO, ValidationPanel
 from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.errors import DataError
-from deepgaze_lit.experiment import (BEST, NAMED_CHECKPOINTS, ExperimentDir, ExperimentError,
+from deepgaze_lit.experiment import (BEST, LAST, NAMED_CHECKPOINTS, ExperimentDir, ExperimentError,
                                      require_training_checkpoint)
 from deepgaze_lit.export import run_export
 from deepgaze_lit.failures import (DEBUG_ENVIRONMENT, DEBUG_FLAG, EXIT_FAILED, EXIT_USAGE, UsageError,
@@ -179,6 +179,10 @@ class DeepGazeCLI(LightningCLI):
         if rank_zero_only.rank != 0:
             return
         checkpoints.remove_partial()
+        resumed = config.ckpt_path if requested == LAST else None
+        if resumed is not None and checkpoints.refresh_last(Path(resumed)):
+            print(f"deepgaze: {config.ckpt_path} is newer than last.ckpt (a killed run wrote it after last.ckpt); "
+                  "last.ckpt is now a copy of it", file=sys.stderr)
         kept = checkpoints.start_new_run() if requested is None else None
         if kept is not None:
             print(f"deepgaze: experiment '{config.experiment}' already had checkpoints: they are kept in {kept}; "

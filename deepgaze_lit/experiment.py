@@ -15,6 +15,8 @@ Every run of an experiment shares one folder `<experiments_root>/<experiment>/`:
 run is set aside, which files are partial writes, and the checkpoint callbacks that write the names above.
 """
 
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -37,7 +39,8 @@ PERIODIC_FILENAME = "epoch{epoch:03d}"
 CHECKPOINTS_FOLDER = "checkpoints"
 LOGS_FOLDER = "logs"
 CSV_LOG_FOLDER = "csv"
-"""Sub-folder of a run's log folder for the CSV history (Lightning's CSVLogger warns when its folder has other files)."""
+"""Sub-folder of a run's log folder for the CSV history (Lightning's CSVLogger warns when its folder holds other
+files, and deletes a metrics.csv it finds)."""
 PREDICTIONS_FOLDER = "predictions"
 
 
@@ -109,6 +112,18 @@ class CheckpointFolder:
         rank_zero_info(f"--ckpt_path last: resuming from {newest} (global step {checkpoint_global_step(newest)}, "
                        "the newest checkpoint of the experiment)")
         return str(newest)
+
+    def refresh_last(self, newest: Path) -> bool:
+        """Make `last.ckpt` a copy of `newest` when that is another file (a run killed after writing best or a
+        periodic checkpoint of an epoch but before last.ckpt of it): resuming from `newest` at the end of training
+        writes no checkpoint, and last.ckpt must not stay behind. Copied through `last.ckpt.tmp`, so a kill leaves
+        the old last.ckpt. Whether it copied. Call it on one process only."""
+        if Path(newest) == self.last:
+            return False
+        partial = self.last.with_name(self.last.name + PARTIAL_SUFFIX)
+        shutil.copyfile(newest, partial)
+        os.replace(partial, self.last)
+        return True
 
     def start_new_run(self) -> Optional[Path]:
         """Make way for a new run: when the folder holds checkpoints of an earlier run, rename it to

@@ -156,3 +156,19 @@ def test_a_second_fit_without_ckpt_path_is_a_new_run_and_keeps_the_first(tmp_pat
     second = torch.load(checkpoints / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(kept[key], first[key]) for key in first)
     assert not all(torch.equal(second[key], first[key]) for key in first)
+
+
+def test_resuming_from_a_checkpoint_newer_than_last_refreshes_last(tmp_path, capsys):
+    """A run killed after best.ckpt of its final epoch but before last.ckpt: `--ckpt_path last` resumes best.ckpt,
+    which has nothing left to train, so last.ckpt would stay one epoch behind unless it is refreshed from it."""
+    config = write_config(tmp_path, "behind", trainer={"max_epochs": 2}, data={"synthetic_images": 8, "val_images": 2})
+    checkpoints = checkpoint_dir(tmp_path, "behind")
+    main(["fit", "--config", str(config)])
+    final = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    (checkpoints / "best.ckpt").write_bytes((checkpoints / "last.ckpt").read_bytes())
+    write_checkpoint(checkpoints / "last.ckpt", final["global_step"] // 2)
+    capsys.readouterr()
+    main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    assert f"{checkpoints / 'best.ckpt'} is newer than last.ckpt" in capsys.readouterr().err
+    assert (checkpoints / "last.ckpt").read_bytes() == (checkpoints / "best.ckpt").read_bytes()
+    assert not list(checkpoints.glob("*.tmp"))
