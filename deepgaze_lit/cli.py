@@ -36,8 +36,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from deepgaze_lit.callbacks import AtomicCheckpointIO, ValidationPanel
 from deepgaze_lit.data.datamodule import SaliencyDataModule
 from deepgaze_lit.data.errors import DataError
-from deepgaze_lit.experiment import (BEST, LAST, NAMED_CHECKPOINTS, ExperimentDir, ExperimentError,
-                                     require_training_checkpoint)
+from deepgaze_lit.experiment import BEST, LAST, NAMED_CHECKPOINTS, ExperimentDir, ExperimentError
 from deepgaze_lit.export import run_export
 from deepgaze_lit.failures import (DEBUG_ENVIRONMENT, DEBUG_FLAG, EXIT_FAILED, EXIT_USAGE, UsageError,
                                    describe_os_error, error_message, require_writable_folder)
@@ -157,7 +156,7 @@ class DeepGazeCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "", None)
         ckpt_path = config.get("ckpt_path") if config is not None else None
         if ckpt_path and Path(ckpt_path).is_file():
-            require_training_checkpoint(Path(ckpt_path))
+            read_training_checkpoint(ckpt_path, mmap=True)  # WeightsFileError saying what the file is instead
         super()._parse_ckpt_path()
 
     @property
@@ -195,7 +194,7 @@ class DeepGazeCLI(LightningCLI):
         config = self.config[self.subcommand]
         experiment = self.experiment
         best = experiment.existing_checkpoint(BEST)
-        step = int(read_training_checkpoint(best)["global_step"])
+        step = int(read_training_checkpoint(best, mmap=True)["global_step"])
         config.ckpt_path = str(best)
         if rank_zero_only.rank != 0:
             return
@@ -223,7 +222,6 @@ class DeepGazeCLI(LightningCLI):
             config.ckpt_path = ckpt_path = str(self.experiment.existing_checkpoint(ckpt_path))
         if not Path(ckpt_path).is_file():
             raise UsageError(f"checkpoint {ckpt_path} does not exist")
-        require_training_checkpoint(Path(ckpt_path))
         # The checkpoint supplies the trained weights: rebuilding the model must not need the starting weights
         # (init_from), nor, outside a resumed fit, the backbone's weights file when the checkpoint holds the backbone.
         config.model.init_from = None
@@ -267,8 +265,6 @@ class DeepGazeCLI(LightningCLI):
         (`deepgaze_lit.predict.run_prediction`) on the Trainer's one device. Lightning's other predict arguments
         (dataloaders, return_predictions) do not apply."""
         config = self.config[self.subcommand]
-        if config.input is None:
-            raise UsageError("predict needs --input: an image file or a folder of images")
         if ckpt_path is None and config.model.init_from is None:
             raise UsageError("predict needs weights: --ckpt_path (a training checkpoint, or best / last of the "
                              "experiment) or --model.init_from (released weights such as deepgaze3.pth)")

@@ -59,12 +59,6 @@ def checkpoint_global_step(path: Path) -> Optional[int]:
         return None
 
 
-def require_training_checkpoint(path: Path) -> None:
-    """Raise WeightsFileError unless `path` is a Lightning checkpoint written by `deepgaze fit` (released weights
-    such as deepgaze3.pth are plain state dicts: the message points to --model.init_from)."""
-    read_training_checkpoint(path, mmap=True)
-
-
 def partial_path(target: Path) -> Path:
     """Where a checkpoint bound for `target` is written before it is renamed over `target`."""
     target = Path(target)
@@ -120,7 +114,7 @@ class CheckpointFolder:
         the old last.ckpt. Whether it copied. Call it on one process only."""
         if Path(newest) == self.last:
             return False
-        partial = self.last.with_name(self.last.name + PARTIAL_SUFFIX)
+        partial = partial_path(self.last)
         shutil.copyfile(newest, partial)
         os.replace(partial, self.last)
         return True

@@ -8,7 +8,6 @@ subsampling factor: a model trained with another `downsample` than the release's
 """
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from deepgaze_lit.model.checkpoint import BACKBONE_PREFIX, CheckpointMismatchErr
 from deepgaze_lit.model.deepgaze3 import DeepGazeIII
 from deepgaze_lit.model.errors import ModelConfigError
 from deepgaze_lit.model.grids import DOWNSAMPLE
+from deepgaze_lit.output.writers import write_atomically
 
 EXPORT_ERRORS = (ExperimentError, FileNotFoundError, FileExistsError, CheckpointMismatchError, ModelConfigError)
 """Errors whose message tells the user what to fix: printed as one line, exit status 2."""
@@ -45,8 +45,8 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, backbone_weights: str | None = None,
                       overwrite: bool = False) -> tuple[DeepGazeIII, LoadReport]:
-    """Write the network of `checkpoint` to `output` in the release's layout (written to `<output>.tmp`, then
-    renamed); return the network and the key report of loading the file back into one of the same architecture."""
+    """Write the network of `checkpoint` to `output` in the release's layout (`output.writers.write_atomically`: a
+    hidden partial file beside it, renamed into place); return the network and the key report of loading the file back into one of the same architecture."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists: choose another --output or pass --overwrite")
@@ -54,9 +54,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, backbone_weigh
         raise FileNotFoundError(f"the folder of --output {output} does not exist: create it first")
     model = DeepGazeIII.from_checkpoint(checkpoint, backbone_weights=backbone_weights)
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
-    temporary = output.with_name(output.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, output)
+    write_atomically(output, lambda file: torch.save(state, file))
     reloaded = DeepGazeIII(model.num_components, scanpath=model.scanpath, backbone_weights="none")
     return model, reloaded.load_weights(output, strict=False)
 

@@ -32,8 +32,6 @@ from deepgaze_lit.output import PredictionJob, WriteSummary, make_writers
 
 RELEASE_RESIZE: ResizePolicy = "two_sizes"
 """Input-size policy without any other information: MIT1003's two sizes, at which the release was trained."""
-CHECKPOINT_DATA_KEY = "datamodule_hyper_parameters"
-"""Where a Lightning checkpoint keeps the DataModule's settings."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ def load_training_checkpoint(path: str | Path) -> tuple[DeepGazeIII, Optional[di
     trained with) and the data settings it was trained with (None when it records none)."""
     network = DeepGazeIII.from_checkpoint(path)
     checkpoint = read_training_checkpoint(path, mmap=True)
-    return network, checkpoint.get(CHECKPOINT_DATA_KEY)
+    return network, checkpoint.get(SaliencyDataModule.CHECKPOINT_HYPER_PARAMS_KEY)
 
 
 def run_prediction(network: DeepGazeIII, data: SaliencyDataModule, source: str | Path, output_dir: str | Path,

@@ -24,10 +24,10 @@ import numpy as np
 
 import deepgaze_lit
 from deepgaze_lit.metrics.evaluation import CENTERBIAS, MODEL
-from deepgaze_lit.metrics.per_image import per_image_rows, write_per_image_csv
+from deepgaze_lit.metrics.per_image import PER_IMAGE_FILE_NAME, per_image_rows, write_per_image_csv
 from deepgaze_lit.metrics.provenance import file_sha256
 
-PER_IMAGE_FILE = "metrics_per_image.csv"
+PER_IMAGE_FILE = PER_IMAGE_FILE_NAME
 CENTERBIAS_PER_IMAGE_FILE = "centerbias_per_image.csv"
 PROVENANCE_FILE = "provenance.json"
 REPORT_FILE = "crossval_report.json"

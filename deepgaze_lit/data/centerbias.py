@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
@@ -55,11 +55,9 @@ class CenterbiasModel(Protocol):
         """(H,W) float64 log density in nats; logsumexp over pixels = 0."""
 
 
-def _relative_targets(dataset: FixationDataset, leave_out: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Target fixations as fractions (x/W, y/H) of their own image, optionally without image `leave_out`."""
+def _relative_targets(dataset: FixationDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Target fixations as fractions (x/W, y/H) of their own image."""
     keep = dataset.is_target
-    if leave_out is not None:
-        keep = keep & (dataset.n != leave_out)
     if not keep.any():
         raise DataError(f"{dataset.source}: no fixations to build the centre bias from")
     return dataset.x[keep] / dataset.shapes[dataset.n[keep], 1], dataset.y[keep] / dataset.shapes[dataset.n[keep], 0]
@@ -77,17 +75,16 @@ def _kde_log_density(x_rel: np.ndarray, y_rel: np.ndarray, shape: tuple[int, int
 
 
 def centerbias_log_density(dataset: FixationDataset, shape: tuple[int, int], bandwidth: float = MIT1003_BANDWIDTH,
-                           eps: float = MIT1003_EPS, leave_out: Optional[int] = None) -> np.ndarray:
+                           eps: float = MIT1003_EPS) -> np.ndarray:
     """pysaliency's BaselineModel log density (nats) for an image of `shape` (H, W) from `dataset`'s fixations.
 
     Each target fixation is normalised by its own image's size (x/W, y/H) and counted at pixel
     (int(y_rel*H), int(x_rel*W)) of the target shape; the counts are smoothed with a Gaussian of sigma
     (bandwidth*H, bandwidth*W) pixels (scipy `gaussian_filter`, mode 'reflect', truncate 4), mixed with a uniform
     density as (1-eps)*counts + eps/(H*W), logged and normalised. Forced initial fixations are not counted.
-    `leave_out`: an image index whose fixations are left out (pysaliency's CrossvalidatedBaselineModel,
-    used to evaluate the centre bias itself on that image). Pass the TRAINING split to avoid leakage.
+    Pass the TRAINING split to avoid leakage (`CrossvalidatedBaselineCenterbias` leaves each image out instead).
     """
-    x_rel, y_rel = _relative_targets(dataset, leave_out)
+    x_rel, y_rel = _relative_targets(dataset)
     return _kde_log_density(x_rel, y_rel, shape, bandwidth, eps)
 
 

@@ -251,12 +251,13 @@ class SaliencyDataModule(pl.LightningDataModule):
         self._dataset = dataset
         self._image_cache = SharedImageCache(all_shapes, hp.image_cache_mb << 20)
         centerbias = self._centerbias_tensors()
-        for split in splits.values():
-            for shape in np.unique(split.shapes, axis=0):
-                centerbias(tuple(shape))
-            if centerbias.per_image:  # before loader workers start, so that they inherit them
+        for split in splits.values():  # before loader workers start, so that they inherit them
+            if centerbias.per_image:
                 for image_id, shape in zip(split.image_ids, split.shapes):
                     centerbias.for_image(image_id, shape)
+            else:
+                for shape in np.unique(split.shapes, axis=0):
+                    centerbias(tuple(shape))
         self.summary = self._summary(native, dataset, empty)
         rank_zero_info(self.summary)
 

@@ -27,9 +27,9 @@ IMAGENET_WEIGHTS = DenseNet201_Weights.IMAGENET1K_V1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_CHANNELS = 2048
+"""denselayer32.norm1 (1888, before its ReLU) + denselayer32.conv1 (128) + denselayer31.conv2 (32)."""
 RANDOM_BACKBONE_SEED = 0
 """Seed of the random backbone (`backbone_weights='none'`): the same weights whenever it is built."""
-"""denselayer32.norm1 (1888, before its ReLU) + denselayer32.conv1 (128) + denselayer31.conv2 (32)."""
 
 _LEGACY_DENSELAYER_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(weight|bias|running_mean|running_var|num_batches_tracked)$"
@@ -92,14 +92,14 @@ def _backbone_state_dict(weights: str | Path) -> dict[str, Tensor] | None:
     path = backbone_weights_file(weights)
     if path is None:
         return None
-    if not path.is_file() and weights == "imagenet":
-        raise FileNotFoundError(
-            f"ImageNet weights for DenseNet-201 not found: put the file {path.name} (torchvision "
-            f"DenseNet201_Weights.IMAGENET1K_V1, {IMAGENET_WEIGHTS.url}) into the folder {path.parent} "
-            f"(set TORCH_HOME to use another torch hub folder), or use backbone_weights='none' or a .pth path. "
-            f"Nothing is downloaded at run time."
-        )
     if not path.is_file():
+        if weights == "imagenet":
+            raise FileNotFoundError(
+                f"ImageNet weights for DenseNet-201 not found: put the file {path.name} (torchvision "
+                f"DenseNet201_Weights.IMAGENET1K_V1, {IMAGENET_WEIGHTS.url}) into the folder {path.parent} "
+                f"(set TORCH_HOME to use another torch hub folder), or use backbone_weights='none' or a .pth path. "
+                f"Nothing is downloaded at run time."
+            )
         raise FileNotFoundError(
             f"backbone_weights={str(weights)!r}: expected 'imagenet', 'none' or the path of a torchvision "
             f"densenet201 state dict (.pth), but {path} does not exist"

@@ -76,14 +76,10 @@ class LoadReport:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
-    def unfilled(self) -> set[str]:
-        """Model keys a load leaves as they were: the missing and the mismatched ones."""
-        return set(self.missing) | {mismatch.key for mismatch in self.mismatched}
-
     @property
     def fresh(self) -> list[str]:
         """Model keys a non-strict load leaves at their fresh initialisation: missing, then mismatched."""
-        return self.missing + [mismatch.key for mismatch in self.mismatched if mismatch.key not in self.missing]
+        return self.missing + [mismatch.key for mismatch in self.mismatched]
 
     @property
     def ignored(self) -> list[str]:
@@ -300,7 +296,7 @@ def load_state(
         raise CheckpointMismatchError(
             f"{source} does not fit this model ({report}); pass strict=False to load what fits"
         )
-    unfit = set(report.unexpected) | {mismatch.key for mismatch in report.mismatched}
+    unfit = set(report.ignored)
     model.load_state_dict({key: value for key, value in state.items() if key not in unfit}, strict=False)
     return report
 

@@ -21,7 +21,6 @@ from torch import Tensor
 from deepgaze_lit.batch import HISTORY_LENGTH, missing_history
 from deepgaze_lit.model.backbone import FEATURE_CHANNELS, DenseNetFeatures, check_image_side
 from deepgaze_lit.model.checkpoint import (
-    BACKBONE_PREFIX,
     BackboneRecord,
     CheckpointMismatchError,
     LoadReport,
@@ -185,7 +184,8 @@ class DeepGazeIII(nn.Module):
         hparams = checkpoint.get("hyper_parameters", {})
         state = network_state(checkpoint["state_dict"])
         record = BackboneRecord.of(checkpoint)
-        if holds_backbone(state):
+        with_backbone = holds_backbone(state)
+        if with_backbone:
             weights = "none"
         elif record is None:
             raise CheckpointMismatchError(f"{path} holds no backbone and no record of how to rebuild it")
@@ -198,9 +198,8 @@ class DeepGazeIII(nn.Module):
             backbone_weights=weights,
             downsample=hparams.get("downsample", DOWNSAMPLE),
         )
-        if not holds_backbone(state):
+        if not with_backbone:
             record.check(model.state_dict(), str(path))
-            state.update({key: value for key, value in model.state_dict().items() if key.startswith(BACKBONE_PREFIX)})
         model.load_weights(state)
         return model
 

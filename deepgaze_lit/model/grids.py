@@ -98,10 +98,6 @@ class NearestMap:
         with shared_tensors():
             return (self.rows[:, None] * self.in_shape[1] + self.cols[None, :]).reshape(-1)
 
-    def apply_flat(self, x: Tensor) -> Tensor:
-        """Resize a flattened grid: (..., in_h * in_w) -> (..., out_h * out_w)."""
-        return x.index_select(-1, self.flat_index)
-
     def cell_counts(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """(in_h, in_w): how many output cells copy each input cell."""
         return self._cell_counts.to(dtype)
