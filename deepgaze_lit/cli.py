@@ -322,6 +322,14 @@ def failure_report(error: BaseException, signals: StopSignals) -> tuple[int, Opt
                          f"with {DEBUG_FLAG} (or {DEBUG_ENVIRONMENT}=1) for the traceback and report it")
 
 
+def run_trainer_cli(args: ArgsType, signals: StopSignals) -> None:
+    """One `deepgaze fit|validate|test|predict ...` run in this process, without `main`'s error printing; `signals`
+    are the process's signal records (a preemption signal at any moment reaches the preemption callback)."""
+    DeepGazeCLI(DeepGazeModule, SaliencyDataModule, trainer_defaults={"use_distributed_sampler": False},
+                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args,
+                stop_signals=signals)
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of the `deepgaze` console script; `args` replaces sys.argv[1:] (used by tests).
 
@@ -336,17 +344,9 @@ def main(args: ArgsType = None) -> None:
             run_export(command[1:])
         elif command[:1] == ["protocol"]:
             from deepgaze_lit.protocol import run_protocol  # the protocol module builds on this one
-            run_protocol(command[1:])
+            run_protocol(command[1:], signals)
         else:
-            DeepGazeCLI(
-                DeepGazeModule,
-                SaliencyDataModule,
-                trainer_defaults={"use_distributed_sampler": False},
-                save_config_kwargs={"overwrite": True},
-                auto_configure_optimizers=False,
-                args=args,
-                stop_signals=signals,
-            )
+            run_trainer_cli(args, signals)
     except BaseException as error:  # noqa: BLE001 - every way out gets its status and one line
         status, message = failure_report(error, signals)
         if debug and not isinstance(error, SystemExit):

@@ -36,12 +36,12 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from deepgaze_lit.cli import DeepGazeCLI, UsageError
-from deepgaze_lit.data.datamodule import SaliencyDataModule
+from deepgaze_lit.cli import UsageError, run_trainer_cli
 from deepgaze_lit.experiment import BEST, ExperimentDir
+from deepgaze_lit.model import DeepGazeIII
 from deepgaze_lit.model.checkpoint import BACKBONE_PREFIX, COMPONENT_PREFIXES
-from deepgaze_lit.module import DeepGazeModule
-from deepgaze_lit.protocol_results import PER_IMAGE_FILE, pooled_report
+from deepgaze_lit.protocol_results import PROVENANCE_FILE, pooled_report
+from deepgaze_lit.resilience import StopSignals
 
 RESULT_FILE = "result.pth"
 """A finished stage's result (model weights handed to the next stage), beside its `checkpoints/` folder."""
@@ -82,12 +82,6 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def run_lightning_cli(args: list[str]) -> None:
-    """One `deepgaze <subcommand> ...` run in this process (as `cli.main`, without its error printing)."""
-    DeepGazeCLI(DeepGazeModule, SaliencyDataModule, trainer_defaults={"use_distributed_sampler": False},
-                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args)
-
-
 def save_atomically(state: dict, path: Path) -> None:
     """torch.save to a temporary file of this process, renamed over `path` (every rank may write the same file)."""
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -103,13 +97,6 @@ def write_yaml_atomically(values: dict, path: Path) -> None:
     os.replace(partial, path)
 
 
-def model_weights(checkpoint_path: Path) -> dict[str, torch.Tensor]:
-    """The DeepGazeIII state dict inside a `deepgaze fit` checkpoint (the module's `model.` entries)."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    prefix = "model."
-    return {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
-
-
 class Protocol:
     """The protocol of one config: its stages, folds and folders, and what each step does.
 
@@ -120,10 +107,11 @@ class Protocol:
         handoff: "final" (a stage's last weights, the reference's) or "best" (its best checkpoint's).
         common: config values merged into every stage (and the evaluation) before the stage's own settings.
         stages: the training stages in order; the ones with `per_fold: false` first.
+        signals: the process's signal records (`resilience.StopSignals`), handed to every run's preemption callback.
     """
 
     def __init__(self, name: str, experiments_root: str, folds: int, handoff: str, common: dict,
-                 stages: list[Stage]):
+                 stages: list[Stage], signals: StopSignals):
         if not stages or not any(stage.per_fold for stage in stages):
             raise UsageError("protocol: list the training stages under `stages`, at least one with per_fold true")
         names = [stage.name for stage in stages]
@@ -143,6 +131,7 @@ class Protocol:
         self.handoff = handoff
         self.common = common
         self.stages = stages
+        self.signals = signals
 
     # ---- names and files ------------------------------------------------------------------------------------
 
@@ -213,9 +202,10 @@ class Protocol:
         write_yaml_atomically(self.settings_for(stage, fold, experiment.name, init_from), settings_file)
         print(f"deepgaze protocol: {where}: deepgaze fit --config {stage.config} --config {settings_file} "
               "--ckpt_path last", flush=True)
-        run_lightning_cli(["fit", "--config", stage.config, "--config", str(settings_file), "--ckpt_path", "last"])
+        run_trainer_cli(["fit", "--config", stage.config, "--config", str(settings_file), "--ckpt_path", "last"],
+                        self.signals)
         source = experiment.checkpoints.last if self.handoff == "final" else experiment.existing_checkpoint(BEST)
-        save_atomically(model_weights(source), result)
+        save_atomically(DeepGazeIII.from_checkpoint(source).state_dict(), result)  # backbone included
         print(f"deepgaze protocol: {where} finished: {result} ({self.handoff} weights, from {source})", flush=True)
 
     def run_fold(self, fold: int) -> None:
@@ -232,7 +222,7 @@ class Protocol:
         fold `fold`'s test chunk with `deepgaze test`; the folder of its per-image results (skipped when they
         exist)."""
         output = self.evaluation_dir(weights) / f"fold{fold}"
-        if (output / PER_IMAGE_FILE).is_file():
+        if (output / PROVENANCE_FILE).is_file():  # written last
             return output
         if weights is None:
             checkpoint = self.result(self.last, fold)
@@ -257,7 +247,7 @@ class Protocol:
         settings_file = output / SETTINGS_FILE
         write_yaml_atomically(settings, settings_file)
         print(f"deepgaze protocol: scoring fold {fold} ({checkpoint}) on its test chunk", flush=True)
-        run_lightning_cli(["test", "--config", self.last.config, "--config", str(settings_file)])
+        run_trainer_cli(["test", "--config", self.last.config, "--config", str(settings_file)], self.signals)
         return output
 
     def evaluate(self, weights: Optional[str] = None, folds: Optional[list[int]] = None) -> None:
@@ -265,7 +255,7 @@ class Protocol:
         for fold in folds if folds is not None else range(self.folds):
             self.evaluate_fold(fold, weights)
         fold_dirs = {fold: self.evaluation_dir(weights) / f"fold{fold}" for fold in range(self.folds)}
-        if not all((folder / PER_IMAGE_FILE).is_file() for folder in fold_dirs.values()):
+        if not all((folder / PROVENANCE_FILE).is_file() for folder in fold_dirs.values()):
             return
         if rank_zero_only.rank == 0:
             output = self.evaluation_dir(weights)
@@ -353,9 +343,10 @@ def protocol_parser() -> ArgumentParser:
     return parser
 
 
-def run_protocol(args: list[str]) -> None:
-    """`deepgaze protocol <args>`."""
+def run_protocol(args: list[str], signals: StopSignals) -> None:
+    """`deepgaze protocol <args>`; `signals`: the process's signal records (`cli.main`'s)."""
     config = protocol_parser().parse_args(args)
     stages = [Stage(**vars(stage)) if not isinstance(stage, Stage) else stage for stage in config.stages]
-    protocol = Protocol(config.name, config.experiments_root, config.folds, config.handoff, config.common, stages)
+    protocol = Protocol(config.name, config.experiments_root, config.folds, config.handoff, config.common, stages,
+                        signals)
     protocol.run(config.stage, config.fold, config.weights)

@@ -133,6 +133,10 @@ def test_component_k_of_the_assembled_mixture_is_fold_k(finished, tmp_path):
     assembled = root / "dg3.pth"
     mixture = DeepGazeIII(FOLDS, scanpath=True, backbone_weights="none")
     assert mixture.load_weights(assembled).ok  # the released layout, every key filled
+    saved = torch.load(assembled, map_location="cpu", weights_only=True)
+    trained_on = DeepGazeIII(1, scanpath=True, backbone_weights="none").state_dict()
+    backbone = [key for key in trained_on if key.startswith("features.")]
+    assert backbone and all(torch.equal(saved[key], trained_on[key]) for key in backbone), "the backbone is saved"
     torch.manual_seed(3)
     image = torch.randint(0, 255, (2, 3, 96, 128), dtype=torch.uint8)
     centerbias = torch.log_softmax(torch.randn(2, 96 * 128), dim=1).reshape(2, 96, 128)
