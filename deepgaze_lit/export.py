@@ -8,22 +8,17 @@ subsampling factor: a model trained with another `downsample` than the release's
 """
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from deepgaze_lit.experiment import NAMED_CHECKPOINTS, ExperimentDir, ExperimentError
-from deepgaze_lit.model.checkpoint import BACKBONE_PREFIX, CheckpointMismatchError, LoadReport
+from deepgaze_lit.experiment import NAMED_CHECKPOINTS, ExperimentDir
+from deepgaze_lit.failures import UsageError
+from deepgaze_lit.model.checkpoint import BACKBONE_PREFIX, LoadReport
 from deepgaze_lit.model.deepgaze3 import DeepGazeIII
-from deepgaze_lit.model.errors import ModelConfigError
 from deepgaze_lit.model.grids import DOWNSAMPLE
 from deepgaze_lit.output.writers import write_atomically
-
-EXPORT_ERRORS = (ExperimentError, FileNotFoundError, FileExistsError, CheckpointMismatchError, ModelConfigError)
-"""Errors whose message tells the user what to fix: printed as one line, exit status 2."""
-
 
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -49,7 +44,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, backbone_weigh
     hidden partial file beside it, renamed into place); return the network and the key report of loading the file back into one of the same architecture."""
     output = Path(output)
     if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists: choose another --output or pass --overwrite")
+        raise UsageError(f"{output} exists: choose another --output or pass --overwrite")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"the folder of --output {output} does not exist: create it first")
     model = DeepGazeIII.from_checkpoint(checkpoint, backbone_weights=backbone_weights)
@@ -75,15 +70,11 @@ def describe_export(output: Path, model: DeepGazeIII, report: LoadReport) -> str
 
 
 def run_export(args: Sequence[str]) -> None:
-    """`deepgaze export ARGS` (ARGS: the words after `export`); user errors are printed as one line (exit 2)."""
+    """`deepgaze export ARGS` (ARGS: the words after `export`), inside `cli.main`'s error handling (user errors:
+    one line, exit status 2)."""
     options = export_parser().parse_args(list(args))
-    try:
-        checkpoint = Path(options.ckpt_path)
-        if options.ckpt_path in NAMED_CHECKPOINTS:
-            checkpoint = ExperimentDir(options.experiments_root, options.experiment).existing_checkpoint(
-                options.ckpt_path)
-        model, report = export_checkpoint(checkpoint, options.output, options.backbone_weights, options.overwrite)
-    except EXPORT_ERRORS as error:
-        print(f"deepgaze: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    checkpoint = Path(options.ckpt_path)
+    if options.ckpt_path in NAMED_CHECKPOINTS:
+        checkpoint = ExperimentDir(options.experiments_root, options.experiment).existing_checkpoint(options.ckpt_path)
+    model, report = export_checkpoint(checkpoint, options.output, options.backbone_weights, options.overwrite)
     print(describe_export(Path(options.output), model, report))

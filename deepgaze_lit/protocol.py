@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import yaml
@@ -82,19 +82,22 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def save_atomically(state: dict, path: Path) -> None:
-    """torch.save to a temporary file of this process, renamed over `path` (every rank may write the same file)."""
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(partial)` into a temporary file of this process, then renamed over `path` (every rank of a DDP job
+    writes the same file; none may read a half-written one)."""
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(state, partial)
+    write(partial)
     os.replace(partial, path)
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """torch.save `state` to `path` (`replace_atomically`)."""
+    replace_atomically(path, lambda partial: torch.save(state, partial))
 
 
 def write_yaml_atomically(values: dict, path: Path) -> None:
-    """`values` as YAML, written to a temporary file of this process and renamed over `path` (every rank of a DDP
-    job writes the same file; none may read a half-written one)."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(yaml.safe_dump(values))
-    os.replace(partial, path)
+    """`values` as YAML at `path` (`replace_atomically`)."""
+    replace_atomically(path, lambda partial: partial.write_text(yaml.safe_dump(values)))
 
 
 class Protocol:
